@@ -85,3 +85,76 @@ def comfyui_server(comfyui_path, sd15_checkpoint, sdxl_checkpoint, tmp_path_fact
         log = server.log_text()
         # Keep the log next to the pytest temp folders for post-mortems.
         (base / "comfyui-final.log").write_text(log)
+
+
+# -- Offline and pickle-free guard ------------------------------------------------------------
+# Every test runs with outbound network and pickle loading blocked in this process: the pack's
+# main paths (training, merging, LoRA files, data, evaluation, demo) must work without either.
+# Loopback stays allowed for the ComfyUI server the harness starts (a separate process).
+
+import ipaddress  # noqa: E402
+import pickle  # noqa: E402
+import socket  # noqa: E402
+
+BLOCKED_CALLS = []
+
+
+def _is_local_address(address) -> bool:
+    if isinstance(address, (str, bytes)):  # AF_UNIX path
+        return True
+    host = address[0] if isinstance(address, tuple) and address else address
+    if host in ("localhost", "", None):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: refuse without resolving it
+
+
+_real_connect = socket.socket.connect
+_real_connect_ex = socket.socket.connect_ex
+
+
+def _guarded_connect(self, address):
+    if not _is_local_address(address):
+        BLOCKED_CALLS.append(("connect", address))
+        raise ConnectionRefusedError(f"network access blocked in tests (tried {address!r}): the pack must work offline")
+    return _real_connect(self, address)
+
+
+def _guarded_connect_ex(self, address):
+    if not _is_local_address(address):
+        BLOCKED_CALLS.append(("connect_ex", address))
+        raise ConnectionRefusedError(f"network access blocked in tests (tried {address!r}): the pack must work offline")
+    return _real_connect_ex(self, address)
+
+
+def _refuse_pickle(*args, **kwargs):
+    BLOCKED_CALLS.append(("pickle", args[:1]))
+    raise AssertionError("a pickle load was attempted: the pack must load only safetensors/JSON")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def offline_and_pickle_free():
+    import torch
+
+    saved = (socket.socket.connect, socket.socket.connect_ex, torch.load, pickle.load)
+    socket.socket.connect = _guarded_connect
+    socket.socket.connect_ex = _guarded_connect_ex
+    torch.load = _refuse_pickle
+    pickle.load = _refuse_pickle
+    try:
+        yield BLOCKED_CALLS
+    finally:
+        socket.socket.connect, socket.socket.connect_ex, torch.load, pickle.load = saved
+
+
+def pytest_terminal_summary(terminalreporter):
+    if BLOCKED_CALLS:
+        terminalreporter.write_line(f"offline guard blocked {len(BLOCKED_CALLS)} call(s): {BLOCKED_CALLS[:5]}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Any blocked network or pickle call anywhere in the suite fails the run."""
+    if BLOCKED_CALLS and exitstatus == 0:
+        session.exitstatus = 1
