@@ -118,11 +118,11 @@ def expert_from_state_dict(
             metadata.get("ss_base_model_version", "")) or detect_architecture(state_dict)
     if architecture not in ARCHITECTURES:
         raise LoraFormatError(f"{source}: unknown architecture {architecture!r}")
-    if layout is None and architecture in unet_keys.LAYOUTS:
-        layout = unet_keys.LAYOUTS[architecture]
     if layout is None and metadata.get("safetydpo_unet_layout"):
         layout = unet_keys.UNetLayout(**{k: tuple(v) if isinstance(v, list) else v
                                          for k, v in json.loads(metadata["safetydpo_unet_layout"]).items()})
+    if layout is None and architecture in unet_keys.LAYOUTS:
+        layout = unet_keys.LAYOUTS[architecture]
 
     downs: Dict[str, torch.Tensor] = {}
     ups: Dict[str, torch.Tensor] = {}
@@ -334,7 +334,7 @@ def expert_to_state_dict(expert: SafetyExpert, key_format: str = "kohya",
     })
     if expert.architecture in SS_BASE_MODEL_VERSION:
         metadata["ss_base_model_version"] = SS_BASE_MODEL_VERSION[expert.architecture]
-    if layout is not None and expert.architecture not in unet_keys.LAYOUTS:
+    if layout is not None and layout != unet_keys.LAYOUTS.get(expert.architecture):
         metadata["safetydpo_unet_layout"] = json.dumps(
             {"levels": layout.levels, "res_blocks": layout.res_blocks, "down_attention": list(layout.down_attention),
              "up_attention": list(layout.up_attention), "mid_attention": layout.mid_attention})
