@@ -1,0 +1,270 @@
+"""Calibration statistics for Co-Merge: how active each expert is, per layer, on real inputs.
+
+For each expert k, the base model runs with expert k alone on calibration inputs (prompts of every
+category, noisy latents at sampled timesteps). At each LoRA layer we record the mean absolute branch
+output per output unit, ``row_activation = E|y_k[j]|`` with ``y_k = ΔW_k x``, and the mean squared
+input per input unit, ``input_sq_mean = E x_i²`` (for element-wise Co-Merge).
+
+Statistics are saved to safetensors with fingerprints of the experts they were measured with, so a
+re-merge with new weights needs no model pass, and statistics of other experts are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .errors import MergeError
+from .expert import SafetyExpert
+
+
+def expert_fingerprint(expert: SafetyExpert) -> str:
+    """A short hash of the expert's weights (names, shapes and values)."""
+    digest = hashlib.sha256()
+    for name in sorted(expert.modules):
+        module = expert.modules[name]
+        digest.update(name.encode())
+        digest.update(module.down.detach().float().contiguous().numpy().tobytes())
+        digest.update(module.up.detach().float().contiguous().numpy().tobytes())
+        digest.update(repr(float(module.alpha)).encode())
+    for name in sorted(expert.diffs):
+        digest.update(name.encode())
+        digest.update(expert.diffs[name].detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class ModuleStatistics:
+    row_activation: torch.Tensor  # [out]
+    input_sq_mean: torch.Tensor  # [in]
+    samples: int
+
+
+@dataclasses.dataclass
+class CalibrationStatistics:
+    """Per expert (by name), per canonical module: activation statistics, plus expert fingerprints."""
+
+    experts: Dict[str, Dict[str, ModuleStatistics]]
+    fingerprints: Dict[str, str]
+    info: Dict[str, object] = dataclasses.field(default_factory=dict)
+
+    def for_expert(self, expert: SafetyExpert) -> Dict[str, ModuleStatistics]:
+        """This expert's statistics; refuses statistics measured with other weights."""
+        if expert.name not in self.experts:
+            raise MergeError(
+                f"the calibration statistics have no entry for expert {expert.name!r} (they cover "
+                f"{sorted(self.experts)}); compute statistics for these experts first")
+        if self.fingerprints.get(expert.name) != expert_fingerprint(expert):
+            raise MergeError(
+                f"the calibration statistics for {expert.name!r} were measured with other weights "
+                "(the expert file changed or another expert has this name); recompute the statistics")
+        stats = self.experts[expert.name]
+        missing = sorted(set(expert.module_names) - set(stats))
+        if missing:
+            raise MergeError(f"statistics for {expert.name!r} lack module {missing[0]!r}; recompute them")
+        return stats
+
+    def save(self, path) -> Path:
+        """Atomic safetensors file: tensors per expert/module, names and fingerprints in metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {}
+        names = sorted(self.experts)
+        samples = {}
+        for index, name in enumerate(names):
+            for module, stats in self.experts[name].items():
+                tensors[f"{index}/{module}/row_activation"] = stats.row_activation.float().contiguous()
+                tensors[f"{index}/{module}/input_sq_mean"] = stats.input_sq_mean.float().contiguous()
+                samples[f"{index}/{module}"] = stats.samples
+        metadata = {
+            "safetydpo_kind": "co_merge_statistics",
+            "experts": json.dumps(names),
+            "fingerprints": json.dumps(self.fingerprints),
+            "samples": json.dumps(samples),
+            "info": json.dumps(self.info),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        try:
+            save_file(tensors, temp, metadata=metadata)
+            os.replace(temp, path)
+        finally:
+            Path(temp).unlink(missing_ok=True)
+        return path
+
+    @staticmethod
+    def load(path) -> "CalibrationStatistics":
+        from .lora_files import read_safetensors
+
+        tensors, metadata = read_safetensors(path)
+        if metadata.get("safetydpo_kind") != "co_merge_statistics":
+            raise MergeError(f"{path}: not a Co-Merge statistics file (written by compute statistics)")
+        names = json.loads(metadata["experts"])
+        samples = json.loads(metadata.get("samples", "{}"))
+        experts: Dict[str, Dict[str, ModuleStatistics]] = {name: {} for name in names}
+        for key in tensors:
+            index, rest = key.split("/", 1)
+            module, field = rest.rsplit("/", 1)
+            if field != "row_activation":
+                continue
+            experts[names[int(index)]][module] = ModuleStatistics(
+                tensors[key], tensors[f"{index}/{module}/input_sq_mean"], int(samples.get(f"{index}/{module}", 0)))
+        return CalibrationStatistics(experts, json.loads(metadata["fingerprints"]), json.loads(metadata.get("info", "{}")))
+
+
+class _Accumulator:
+    def __init__(self):
+        self.row_sum = None
+        self.row_count = 0
+        self.sq_sum = None
+        self.sq_count = 0
+
+    def add(self, row_abs: torch.Tensor, rows: int, sq: torch.Tensor, count: int):
+        self.row_sum = row_abs if self.row_sum is None else self.row_sum + row_abs
+        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        self.row_count += rows
+        self.sq_count += count
+
+    def result(self) -> ModuleStatistics:
+        return ModuleStatistics(self.row_sum / max(self.row_count, 1), self.sq_sum / max(self.sq_count, 1), self.row_count)
+
+
+def _branch_hook(module: torch.nn.Module, delta: torch.Tensor, accumulator: _Accumulator):
+    """Record E|ΔW x| per output unit and E x² per input unit for one layer."""
+
+    def hook(_module, inputs, _output):
+        x = inputs[0].detach().float()
+        d = delta.to(x.device)
+        if isinstance(module, torch.nn.Conv2d):
+            y = F.conv2d(x, d, None, module.stride, module.padding, module.dilation, module.groups)
+            accumulator.add(y.abs().sum(dim=(0, 2, 3)), y.shape[0] * y.shape[2] * y.shape[3],
+                            x.pow(2).sum(dim=(0, 2, 3)), x.shape[0] * x.shape[2] * x.shape[3])
+        else:
+            flat = x.reshape(-1, x.shape[-1])
+            y = flat @ d.t()
+            accumulator.add(y.abs().sum(dim=0), flat.shape[0], flat.pow(2).sum(dim=0), flat.shape[0])
+
+    return hook
+
+
+@contextlib.contextmanager
+def expert_applied(expert: SafetyExpert, module_lookup: Callable[[str], torch.nn.Module], strength: float = 1.0):
+    """Temporarily add the expert's ΔW to live weights; restored bit-exactly afterwards, also on error."""
+    saved = []
+    try:
+        for name in expert.module_names:
+            module = module_lookup(name)
+            weight = module.weight
+            saved.append((weight, weight.detach().clone()))
+            with torch.no_grad():
+                weight.add_((strength * expert.delta_weight(name)).to(weight.dtype).to(weight.device).reshape(weight.shape))
+        yield
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
+
+
+def collect_statistics(
+    run_model: Callable[[], None],
+    experts: Sequence[SafetyExpert],
+    module_lookup: Callable[[str], torch.nn.Module],
+    info: Optional[Dict[str, object]] = None,
+) -> CalibrationStatistics:
+    """Run ``run_model()`` once per expert with that expert alone applied, recording layer statistics."""
+    names = [e.name for e in experts]
+    if len(set(names)) != len(names):
+        raise MergeError(f"experts need distinct names for statistics, got {names}")
+    results: Dict[str, Dict[str, ModuleStatistics]] = {}
+    for expert in experts:
+        accumulators: Dict[str, _Accumulator] = {}
+        handles = []
+        try:
+            for name in expert.module_names:
+                module = module_lookup(name)
+                if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                    raise MergeError(f"module {name!r} of expert {expert.name!r} is {type(module).__name__}, "
+                                     "not a Linear or Conv2d layer")
+                accumulators[name] = _Accumulator()
+                delta = expert.delta_weight(name).reshape(module.weight.shape)
+                handles.append(module.register_forward_hook(_branch_hook(module, delta, accumulators[name])))
+            with expert_applied(expert, module_lookup), torch.no_grad():
+                run_model()
+        finally:
+            for handle in handles:
+                handle.remove()
+        empty = [n for n, a in accumulators.items() if a.row_sum is None]
+        if empty:
+            raise MergeError(f"calibration never reached module {empty[0]!r} of expert {expert.name!r}")
+        results[expert.name] = {n: a.result() for n, a in accumulators.items()}
+    return CalibrationStatistics(results, {e.name: expert_fingerprint(e) for e in experts}, dict(info or {}))
+
+
+def diffusers_module_lookup(unet: torch.nn.Module, text_encoders: Optional[Dict[str, torch.nn.Module]] = None):
+    """Map canonical names (``unet.<path>``, ``text_encoder.<path>``) to modules of diffusers models."""
+    roots = {"unet": unet, **(text_encoders or {})}
+
+    def lookup(name: str) -> torch.nn.Module:
+        part, _, path = name.partition(".")
+        if part not in roots:
+            raise MergeError(f"no model part {part!r} for module {name!r}")
+        try:
+            module = roots[part].get_submodule(path)
+        except AttributeError:
+            raise MergeError(f"the model has no module {name!r}: the expert does not fit this model") from None
+        return getattr(module, "base_layer", module)  # peft-wrapped layers
+
+    return lookup
+
+
+def calibrate_diffusers_unet(
+    unet: torch.nn.Module,
+    experts: Sequence[SafetyExpert],
+    prompt_embeddings: List,
+    noise_scheduler,
+    timesteps: Sequence[int],
+    latents_shape: Sequence[int],
+    seed: int = 0,
+    clean_latents: Optional[torch.Tensor] = None,
+) -> CalibrationStatistics:
+    """Statistics from a diffusers UNet on noisy latents at ``timesteps`` for each prompt embedding batch.
+
+    ``prompt_embeddings`` are ``models.PromptEmbeddings`` (or plain encoder_hidden_states tensors).
+    The same noise and timesteps are used for every expert, so the contest is fair.
+    """
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for embedding in prompt_embeddings:
+        hidden = getattr(embedding, "encoder_hidden_states", embedding)
+        added = getattr(embedding, "added_cond", {}) or {}
+        count = hidden.shape[0]
+        for t in timesteps:
+            if clean_latents is not None:
+                x0 = clean_latents[torch.randint(0, clean_latents.shape[0], (count,), generator=generator)]
+            else:
+                x0 = torch.randn((count, *latents_shape), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            t_batch = torch.full((count,), int(t), dtype=torch.long)
+            noisy = noise_scheduler.add_noise(x0, noise, t_batch)
+            batches.append((noisy, t_batch, hidden, added))
+
+    def run_model():
+        for noisy, t_batch, hidden, added in batches:
+            kwargs = {"added_cond_kwargs": {k: v.to(device, dtype) for k, v in added.items()}} if added else {}
+            unet(noisy.to(device, dtype), t_batch.to(device), encoder_hidden_states=hidden.to(device, dtype), **kwargs)
+
+    return collect_statistics(run_model, experts, diffusers_module_lookup(unet),
+                              info={"timesteps": list(map(int, timesteps)), "batches": len(batches), "seed": seed})
