@@ -69,3 +69,39 @@ class PreferencePairs:
         wanted = set(categories)
         chosen = [p for p in self.pairs if wanted & set(p.categories)]
         return dataclasses.replace(self, pairs=chosen)
+
+
+def load_image_tensor(path) -> "torch.Tensor":
+    """An image file as a float tensor [3, H, W] in [-1, 1] (RGB)."""
+    import numpy as np
+    import torch
+    from PIL import Image, UnidentifiedImageError
+
+    from .errors import DatasetError
+
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as error:
+        raise DatasetError(f"{path}: unreadable image ({error}); re-render this pair") from None
+    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+
+def save_image_tensor(image, path) -> None:
+    """A tensor [3, H, W] in [-1, 1] as a PNG, written atomically."""
+    import os
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(handle)
+    try:
+        Image.fromarray(np.ascontiguousarray(array)).save(temp, format="PNG")
+        os.replace(temp, path)
+    finally:
+        Path(temp).unlink(missing_ok=True)

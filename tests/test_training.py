@@ -1,0 +1,134 @@
+"""The DPO trainer on a tiny pixel-space model: gradients, learning, exact resume, NaN guard."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from training_helpers import colour_pairs, tiny_bundle
+
+from comfyui_safetydpo import lora_files
+from comfyui_safetydpo.encoding_cache import encode_preference_pairs
+from comfyui_safetydpo.errors import DatasetError, TrainingCancelled, TrainingError
+from comfyui_safetydpo.dpo_loss import per_sample_mse
+from comfyui_safetydpo.training import (TrainingConfig, denoiser_for_bundle, inject_lora, lora_parameters,
+                                        set_lora_enabled, train_expert, train_lora)
+
+FAST = dict(max_steps=40, batch_size=4, learning_rate=1e-3, rank=4, alpha=4.0, dpo_beta=500.0, checkpoint_every=0)
+
+
+def test_disabled_lora_is_the_base_network_and_every_lora_tensor_gets_a_gradient(tmp_path):
+    bundle = tiny_bundle()
+    x = torch.randn(2, 3, 8, 8)
+    t = torch.tensor([10, 500])
+    emb = bundle.encode_prompts(["a red square", "a blue square"])
+    base = bundle.predict(x, t, emb).detach()
+    inject_lora(bundle.unet, TrainingConfig(**FAST))
+    with torch.no_grad():
+        for name, p in lora_parameters(bundle.unet).items():
+            p.add_(0.1 * torch.randn_like(p))
+    set_lora_enabled(bundle.unet, False)
+    assert torch.equal(bundle.predict(x, t, emb).detach(), base)
+    with torch.no_grad():
+        reference = bundle.predict(x, t, emb)
+    set_lora_enabled(bundle.unet, True)  # the trap: re-enable before the trained pass
+    policy = bundle.predict(x, t, emb)
+    assert not torch.allclose(policy, base)
+    loss = per_sample_mse(policy, reference + 1).mean()
+    loss.backward()
+    params = lora_parameters(bundle.unet)
+    assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
+
+
+def preference_win_rate(bundle, pairs, expert, draws=8):
+    """Fraction of (pair, noise) draws where the expert prefers the winner more than the base does."""
+    data = encode_preference_pairs(bundle, pairs)
+    denoiser = denoiser_for_bundle(bundle)
+    g = torch.Generator().manual_seed(123)
+    wins, total = 0, 0
+    from comfyui_safetydpo.calibration import expert_applied, diffusers_module_lookup
+
+    for _ in range(draws):
+        noise = torch.randn(data.winner_latents.shape, generator=g)
+        t = torch.randint(0, 1000, (len(data),), generator=g)
+
+        def mse(latents):
+            noisy = denoiser.add_noise(latents, noise, t)
+            return per_sample_mse(bundle.predict(noisy, t, data.embeddings), denoiser.target(latents, noise, t))
+
+        with torch.no_grad():
+            ref = mse(data.winner_latents) - mse(data.loser_latents)
+            with expert_applied(expert, diffusers_module_lookup(bundle.unet)):
+                new = mse(data.winner_latents) - mse(data.loser_latents)
+        wins += int(((new - ref) < 0).sum())
+        total += len(data)
+    return wins / total
+
+
+def test_dpo_learns_the_preference_and_generalises_to_held_out_pairs(tmp_path):
+    bundle = tiny_bundle()
+    train = colour_pairs(tmp_path / "train", 12)
+    held_out = colour_pairs(tmp_path / "held_out", 8, seed_offset=100)
+    result = train_expert(bundle, train, TrainingConfig(**{**FAST, "max_steps": 60}), output_dir=tmp_path / "run")
+    accuracy = sum(h["implicit_accuracy"] for h in result.history[-10:]) / 10
+    assert accuracy > 0.9
+    assert preference_win_rate(bundle, held_out, result.expert) > 0.8
+    # the written expert loads back with the same ΔW and records its recipe
+    loaded = lora_files.load_expert(result.expert_path)
+    name = result.expert.module_names[0]
+    assert torch.allclose(loaded.delta_weight(name), result.expert.delta_weight(name))
+    assert '"dpo_beta": 500.0' in loaded.metadata["safetydpo_recipe"]
+    assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 61
+    assert all(not any("lora" in n for n, _ in bundle.unet.named_parameters()) for _ in [0])  # LoRA removed
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_run(tmp_path):
+    pairs = colour_pairs(tmp_path / "pairs", 10, replay=4)
+    config = TrainingConfig(**{**FAST, "max_steps": 12, "checkpoint_every": 4, "sft_weight": 0.5,
+                               "preservation_weight": 1.0, "batch_size": 3})
+    straight = train_expert(tiny_bundle(), pairs, config, output_dir=tmp_path / "a").expert
+
+    calls = {"n": 0}
+
+    def stop_after_six():
+        calls["n"] += 1
+        return calls["n"] == 7  # checked before step 7: cancel after 6 completed steps
+
+    with pytest.raises(TrainingCancelled):
+        train_expert(tiny_bundle(), pairs, config, output_dir=tmp_path / "b", should_stop=stop_after_six)
+    resumed = train_expert(tiny_bundle(), pairs, config, output_dir=tmp_path / "b", resume=True).expert
+    for name in straight.module_names:
+        assert torch.allclose(straight.delta_weight(name), resumed.delta_weight(name), atol=1e-6, rtol=0), name
+
+
+def test_nan_guard_skips_then_stops_with_a_clear_message(tmp_path):
+    bundle = tiny_bundle()
+    pairs = colour_pairs(tmp_path / "pairs", 4)
+    data = encode_preference_pairs(bundle, pairs)
+    data.winner_latents[0] = float("nan")
+    config = TrainingConfig(**{**FAST, "batch_size": 4, "max_bad_steps": 3})
+    with pytest.raises(TrainingError, match="NaN/Inf for 3 steps"):
+        train_lora(denoiser_for_bundle(bundle), data, config, output_dir=tmp_path / "run")
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()
+
+
+def test_bad_data_and_settings_fail_clearly(tmp_path):
+    bundle = tiny_bundle()
+    pairs = colour_pairs(tmp_path / "pairs", 3)
+    with pytest.raises(DatasetError, match="no pairs"):
+        train_expert(bundle, dataclasses.replace(pairs, pairs=[]), TrainingConfig(**FAST))
+    (tmp_path / "pairs" / pairs.pairs[0].preferred_image).unlink()
+    with pytest.raises(DatasetError, match="missing.*s_0.png"):
+        train_expert(bundle, pairs, TrainingConfig(**FAST))
+    mixed = colour_pairs(tmp_path / "mixed", 2)
+    from comfyui_safetydpo.pairs import save_image_tensor
+
+    save_image_tensor(torch.zeros(3, 16, 16), tmp_path / "mixed" / mixed.pairs[1].rejected_image)
+    with pytest.raises(DatasetError, match="mixed sizes"):
+        train_expert(bundle, mixed, TrainingConfig(**FAST))
+    with pytest.raises(TrainingError, match="all loss weights are 0"):
+        train_expert(bundle, colour_pairs(tmp_path / "ok", 2), TrainingConfig(**{**FAST, "dpo_weight": 0}))
+    with pytest.raises(DatasetError, match="replay"):
+        train_expert(bundle, colour_pairs(tmp_path / "ok2", 2), TrainingConfig(**{**FAST, "preservation_weight": 1}))
