@@ -3,10 +3,15 @@
 For each expert k, the base model runs with expert k alone on calibration inputs (prompts of every
 category, noisy latents at sampled timesteps). At each LoRA layer we record the mean absolute branch
 output per output unit, ``row_activation = E|y_k[j]|`` with ``y_k = ΔW_k x``, and the mean squared
-input per input unit, ``input_sq_mean = E x_i²`` (for element-wise Co-Merge).
+input per input unit, ``input_sq_mean = E x_i²`` (for element-wise Co-Merge; per input channel for
+convolutions).
 
 Statistics are saved to safetensors with fingerprints of the experts they were measured with, so a
 re-merge with new weights needs no model pass, and statistics of other experts are refused.
+
+``collect_statistics`` works on any torch module tree: the caller gives ``run_model()`` (runs the
+base model on calibration inputs) and ``module_lookup(canonical_name) -> nn.Module``;
+``diffusers_module_lookup`` and ``calibrate_diffusers_unet`` do this for a diffusers UNet.
 """
 
 from __future__ import annotations
@@ -26,26 +31,32 @@ import torch.nn.functional as F
 from .errors import MergeError
 from .expert import SafetyExpert
 
+STATISTICS_KIND = "co_merge_statistics"
+
 
 def expert_fingerprint(expert: SafetyExpert) -> str:
-    """A short hash of the expert's weights (names, shapes and values)."""
+    """A short hash of the expert's weights (module names, shapes, values and alphas)."""
     digest = hashlib.sha256()
     for name in sorted(expert.modules):
         module = expert.modules[name]
         digest.update(name.encode())
-        digest.update(module.down.detach().float().contiguous().numpy().tobytes())
-        digest.update(module.up.detach().float().contiguous().numpy().tobytes())
+        for tensor in (module.down, module.up):
+            digest.update(repr(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         digest.update(repr(float(module.alpha)).encode())
     for name in sorted(expert.diffs):
-        digest.update(name.encode())
-        digest.update(expert.diffs[name].detach().float().contiguous().numpy().tobytes())
+        digest.update(f"diff:{name}".encode())
+        digest.update(repr(tuple(expert.diffs[name].shape)).encode())
+        digest.update(expert.diffs[name].detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
 @dataclasses.dataclass
 class ModuleStatistics:
+    """One layer, one expert: E|y[j]| per output unit, E x_i² per input unit, and how many vectors."""
+
     row_activation: torch.Tensor  # [out]
-    input_sq_mean: torch.Tensor  # [in]
+    input_sq_mean: torch.Tensor  # [in] (input channels for convolutions)
     samples: int
 
 
@@ -73,6 +84,23 @@ class CalibrationStatistics:
             raise MergeError(f"statistics for {expert.name!r} lack module {missing[0]!r}; recompute them")
         return stats
 
+    def check_experts(self, experts: Sequence[SafetyExpert]) -> None:
+        """Raise MergeError unless these statistics were measured with exactly these experts' weights."""
+        for expert in experts:
+            self.for_expert(expert)
+
+    def content_hash(self) -> str:
+        """A short hash of every statistic and fingerprint (recorded in merge recipes)."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(self.fingerprints, sort_keys=True).encode())
+        for name in sorted(self.experts):
+            for module in sorted(self.experts[name]):
+                stats = self.experts[name][module]
+                digest.update(f"{name}/{module}/{stats.samples}".encode())
+                digest.update(stats.row_activation.detach().float().cpu().contiguous().numpy().tobytes())
+                digest.update(stats.input_sq_mean.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def save(self, path) -> Path:
         """Atomic safetensors file: tensors per expert/module, names and fingerprints in metadata."""
         from safetensors.torch import save_file
@@ -83,15 +111,15 @@ class CalibrationStatistics:
         samples = {}
         for index, name in enumerate(names):
             for module, stats in self.experts[name].items():
-                tensors[f"{index}/{module}/row_activation"] = stats.row_activation.float().contiguous()
-                tensors[f"{index}/{module}/input_sq_mean"] = stats.input_sq_mean.float().contiguous()
-                samples[f"{index}/{module}"] = stats.samples
+                tensors[f"{index}/{module}/row_activation"] = stats.row_activation.detach().float().cpu().contiguous()
+                tensors[f"{index}/{module}/input_sq_mean"] = stats.input_sq_mean.detach().float().cpu().contiguous()
+                samples[f"{index}/{module}"] = int(stats.samples)
         metadata = {
-            "safetydpo_kind": "co_merge_statistics",
+            "safetydpo_kind": STATISTICS_KIND,
             "experts": json.dumps(names),
             "fingerprints": json.dumps(self.fingerprints),
             "samples": json.dumps(samples),
-            "info": json.dumps(self.info),
+            "info": json.dumps(self.info, default=str),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -99,31 +127,45 @@ class CalibrationStatistics:
         try:
             save_file(tensors, temp, metadata=metadata)
             os.replace(temp, path)
+        except OSError as error:
+            raise MergeError(f"{path}: could not write the statistics ({error.strerror or error})") from None
         finally:
             Path(temp).unlink(missing_ok=True)
         return path
 
     @staticmethod
     def load(path) -> "CalibrationStatistics":
+        """Read a file written by ``save``; anything else is refused with a message naming the file."""
         from .lora_files import read_safetensors
 
         tensors, metadata = read_safetensors(path)
-        if metadata.get("safetydpo_kind") != "co_merge_statistics":
-            raise MergeError(f"{path}: not a Co-Merge statistics file (written by compute statistics)")
-        names = json.loads(metadata["experts"])
-        samples = json.loads(metadata.get("samples", "{}"))
-        experts: Dict[str, Dict[str, ModuleStatistics]] = {name: {} for name in names}
-        for key in tensors:
-            index, rest = key.split("/", 1)
-            module, field = rest.rsplit("/", 1)
-            if field != "row_activation":
-                continue
-            experts[names[int(index)]][module] = ModuleStatistics(
-                tensors[key], tensors[f"{index}/{module}/input_sq_mean"], int(samples.get(f"{index}/{module}", 0)))
-        return CalibrationStatistics(experts, json.loads(metadata["fingerprints"]), json.loads(metadata.get("info", "{}")))
+        if metadata.get("safetydpo_kind") != STATISTICS_KIND:
+            raise MergeError(f"{path}: not a Co-Merge statistics file (compute one with "
+                             "`python trainer/merge.py statistics ...` or the statistics node)")
+        try:
+            names = json.loads(metadata["experts"])
+            fingerprints = json.loads(metadata["fingerprints"])
+            samples = json.loads(metadata.get("samples", "{}"))
+            info = json.loads(metadata.get("info", "{}"))
+            experts: Dict[str, Dict[str, ModuleStatistics]] = {name: {} for name in names}
+            for key in tensors:
+                index, rest = key.split("/", 1)
+                module, field = rest.rsplit("/", 1)
+                if field == "input_sq_mean":
+                    continue
+                if field != "row_activation":
+                    raise KeyError(key)
+                experts[names[int(index)]][module] = ModuleStatistics(
+                    tensors[key], tensors[f"{index}/{module}/input_sq_mean"], int(samples.get(f"{index}/{module}", 0)))
+        except (KeyError, ValueError, IndexError, json.JSONDecodeError) as error:
+            raise MergeError(f"{path}: the statistics file is damaged (bad or missing entry {error}); "
+                             "recompute it") from None
+        return CalibrationStatistics(experts, fingerprints, info)
 
 
 class _Accumulator:
+    """Running sums of |y| per output unit and x² per input unit."""
+
     def __init__(self):
         self.row_sum = None
         self.row_count = 0
@@ -137,22 +179,42 @@ class _Accumulator:
         self.sq_count += count
 
     def result(self) -> ModuleStatistics:
-        return ModuleStatistics(self.row_sum / max(self.row_count, 1), self.sq_sum / max(self.sq_count, 1), self.row_count)
+        return ModuleStatistics((self.row_sum / max(self.row_count, 1)).cpu(),
+                                (self.sq_sum / max(self.sq_count, 1)).cpu(), self.row_count)
 
 
-def _branch_hook(module: torch.nn.Module, delta: torch.Tensor, accumulator: _Accumulator):
+def _branch(expert: SafetyExpert, name: str, module: torch.nn.Module):
+    """A function x -> y = ΔW x for one layer; from the LoRA factors when that is cheaper than ΔW."""
+    if isinstance(module, torch.nn.Conv2d):
+        conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+        if name in expert.modules and name not in expert.diffs and module.groups == 1:
+            lora = expert.modules[name]
+            down, up = lora.down.float(), (lora.scale * lora.up.float()).reshape(lora.up.shape[0], lora.rank, 1, 1)
+            return lambda x: F.conv2d(F.conv2d(x, down.to(x.device), None, **conv), up.to(x.device))
+        delta = expert.delta_weight(name).reshape(module.weight.shape)
+        return lambda x: F.conv2d(x, delta.to(x.device), None, groups=module.groups, **conv)
+    if name in expert.modules and name not in expert.diffs:
+        lora = expert.modules[name]
+        out_features, in_features = lora.weight_shape
+        if lora.rank * (out_features + in_features) < out_features * in_features:
+            down_t, up_t = lora.down.float().t(), (lora.scale * lora.up.float()).t()
+            return lambda x: (x @ down_t.to(x.device)) @ up_t.to(x.device)
+    delta_t = expert.delta_weight(name).reshape(module.weight.shape).t()
+    return lambda x: x @ delta_t.to(x.device)
+
+
+def _branch_hook(module: torch.nn.Module, branch, accumulator: _Accumulator):
     """Record E|ΔW x| per output unit and E x² per input unit for one layer."""
 
     def hook(_module, inputs, _output):
         x = inputs[0].detach().float()
-        d = delta.to(x.device)
         if isinstance(module, torch.nn.Conv2d):
-            y = F.conv2d(x, d, None, module.stride, module.padding, module.dilation, module.groups)
+            y = branch(x)
             accumulator.add(y.abs().sum(dim=(0, 2, 3)), y.shape[0] * y.shape[2] * y.shape[3],
                             x.pow(2).sum(dim=(0, 2, 3)), x.shape[0] * x.shape[2] * x.shape[3])
         else:
             flat = x.reshape(-1, x.shape[-1])
-            y = flat @ d.t()
+            y = branch(flat)
             accumulator.add(y.abs().sum(dim=0), flat.shape[0], flat.pow(2).sum(dim=0), flat.shape[0])
 
     return hook
@@ -166,9 +228,13 @@ def expert_applied(expert: SafetyExpert, module_lookup: Callable[[str], torch.nn
         for name in expert.module_names:
             module = module_lookup(name)
             weight = module.weight
+            delta = strength * expert.delta_weight(name)
+            if delta.numel() != weight.numel() or delta.shape[0] != weight.shape[0]:
+                raise MergeError(f"expert {expert.name!r}, module {name!r}: ΔW has shape {tuple(delta.shape)} "
+                                 f"but the model's weight is {tuple(weight.shape)}; the expert is for another model")
             saved.append((weight, weight.detach().clone()))
             with torch.no_grad():
-                weight.add_((strength * expert.delta_weight(name)).to(weight.dtype).to(weight.device).reshape(weight.shape))
+                weight.add_(delta.to(weight.dtype).to(weight.device).reshape(weight.shape))
         yield
     finally:
         with torch.no_grad():
@@ -182,8 +248,14 @@ def collect_statistics(
     module_lookup: Callable[[str], torch.nn.Module],
     info: Optional[Dict[str, object]] = None,
 ) -> CalibrationStatistics:
-    """Run ``run_model()`` once per expert with that expert alone applied, recording layer statistics."""
+    """Run ``run_model()`` once per expert with that expert alone applied, recording layer statistics.
+
+    Works on any module tree: ``module_lookup`` maps an expert's canonical module names to the live
+    Linear/Conv2d modules. Weights are restored exactly afterwards, also when ``run_model`` fails.
+    """
     names = [e.name for e in experts]
+    if not experts:
+        raise MergeError("no experts to calibrate")
     if len(set(names)) != len(names):
         raise MergeError(f"experts need distinct names for statistics, got {names}")
     results: Dict[str, Dict[str, ModuleStatistics]] = {}
@@ -197,8 +269,8 @@ def collect_statistics(
                     raise MergeError(f"module {name!r} of expert {expert.name!r} is {type(module).__name__}, "
                                      "not a Linear or Conv2d layer")
                 accumulators[name] = _Accumulator()
-                delta = expert.delta_weight(name).reshape(module.weight.shape)
-                handles.append(module.register_forward_hook(_branch_hook(module, delta, accumulators[name])))
+                hook = _branch_hook(module, _branch(expert, name, module), accumulators[name])
+                handles.append(module.register_forward_hook(hook))
             with expert_applied(expert, module_lookup), torch.no_grad():
                 run_model()
         finally:
@@ -206,7 +278,8 @@ def collect_statistics(
                 handle.remove()
         empty = [n for n, a in accumulators.items() if a.row_sum is None]
         if empty:
-            raise MergeError(f"calibration never reached module {empty[0]!r} of expert {expert.name!r}")
+            raise MergeError(f"calibration never reached module {empty[0]!r} of expert {expert.name!r}: "
+                             "the model run does not use this layer, or the lookup maps it to the wrong module")
         results[expert.name] = {n: a.result() for n, a in accumulators.items()}
     return CalibrationStatistics(results, {e.name: expert_fingerprint(e) for e in experts}, dict(info or {}))
 
@@ -231,29 +304,38 @@ def diffusers_module_lookup(unet: torch.nn.Module, text_encoders: Optional[Dict[
 def calibrate_diffusers_unet(
     unet: torch.nn.Module,
     experts: Sequence[SafetyExpert],
-    prompt_embeddings: List,
-    noise_scheduler,
+    encoder_hidden_states_list: Sequence,
     timesteps: Sequence[int],
     latents_shape: Sequence[int],
+    noise_scheduler,
     seed: int = 0,
+    added_cond_kwargs_list: Optional[Sequence[Optional[Dict[str, torch.Tensor]]]] = None,
     clean_latents: Optional[torch.Tensor] = None,
 ) -> CalibrationStatistics:
-    """Statistics from a diffusers UNet on noisy latents at ``timesteps`` for each prompt embedding batch.
+    """Statistics from a diffusers UNet: each prompt batch at each timestep, on noisy latents.
 
-    ``prompt_embeddings`` are ``models.PromptEmbeddings`` (or plain encoder_hidden_states tensors).
-    The same noise and timesteps are used for every expert, so the contest is fair.
+    ``encoder_hidden_states_list``: one tensor [batch, tokens, width] per prompt batch (prompts of
+    every category), or ``models.PromptEmbeddings`` (their SDXL ``added_cond`` is used). For SDXL with
+    plain tensors, give ``added_cond_kwargs_list`` (``text_embeds``, ``time_ids`` per batch).
+    ``latents_shape`` is one latent without the batch dimension, e.g. (4, 64, 64). Latents are
+    noised pure Gaussian samples unless ``clean_latents`` (encoded images) are given. The same
+    noise, timesteps and latents are used for every expert, so the contest is fair.
     """
-    device = next(unet.parameters()).device
-    dtype = next(unet.parameters()).dtype
+    if not encoder_hidden_states_list or not timesteps:
+        raise MergeError("calibration needs at least one prompt batch and one timestep")
+    parameter = next(unet.parameters())
+    device, dtype = parameter.device, parameter.dtype
     generator = torch.Generator().manual_seed(seed)
     batches = []
-    for embedding in prompt_embeddings:
+    for index, embedding in enumerate(encoder_hidden_states_list):
         hidden = getattr(embedding, "encoder_hidden_states", embedding)
-        added = getattr(embedding, "added_cond", {}) or {}
+        added = dict(getattr(embedding, "added_cond", {}) or {})
+        if added_cond_kwargs_list is not None and added_cond_kwargs_list[index]:
+            added = dict(added_cond_kwargs_list[index])
         count = hidden.shape[0]
         for t in timesteps:
             if clean_latents is not None:
-                x0 = clean_latents[torch.randint(0, clean_latents.shape[0], (count,), generator=generator)]
+                x0 = clean_latents[torch.randint(0, clean_latents.shape[0], (count,), generator=generator)].float()
             else:
                 x0 = torch.randn((count, *latents_shape), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
@@ -267,4 +349,5 @@ def calibrate_diffusers_unet(
             unet(noisy.to(device, dtype), t_batch.to(device), encoder_hidden_states=hidden.to(device, dtype), **kwargs)
 
     return collect_statistics(run_model, experts, diffusers_module_lookup(unet),
-                              info={"timesteps": list(map(int, timesteps)), "batches": len(batches), "seed": seed})
+                              info={"timesteps": [int(t) for t in timesteps], "batches": len(batches),
+                                    "prompt_batches": len(encoder_hidden_states_list), "seed": seed})

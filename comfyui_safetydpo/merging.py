@@ -1,8 +1,9 @@
 """Merging safety experts into one: Co-Merge and the usual baselines, each with a weight per concept.
 
 Every method takes per-concept weights ``w_k ≥ 0`` (``w_k = 0`` leaves expert k out) and returns a
-``SafetyExpert`` that can be saved, loaded and merged again. The merge recipe and, for Co-Merge,
-which expert won what share of each layer, are recorded in ``expert.metadata``.
+``SafetyExpert`` that can be saved, loaded and merged again. The merge recipe (method, weights, rank,
+seed, statistics hash, SVD errors) and, for Co-Merge, which expert won what share of each layer, are
+recorded as JSON in ``expert.metadata["safetydpo_recipe"]`` (read it with ``merge_recipe``).
 
 - ``merge_linear``: Σ w_k ΔW_k, exact, written as a LoRA of rank Σ r_k (rank concatenation).
 - ``co_merge``: per output row (exact, rank Σ r_k) or per element (``diffs``, or truncated SVD at
@@ -10,11 +11,16 @@ which expert won what share of each layer, are recorded in ``expert.metadata``.
   activation on calibration inputs (see ``calibration``).
 - ``merge_svd``, ``merge_ties``, ``merge_dare``, ``merge_magnitude_prune``: baselines; TIES, DARE and
   magnitude pruning use ``peft.utils.merge_utils`` on the ΔW tensors.
+- ``merge_experts``: one dispatcher for nodes and the command line.
+
+Nothing is half-merged: every check runs before the first module is merged.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -23,26 +29,40 @@ from .calibration import CalibrationStatistics, expert_fingerprint
 from .errors import ArchitectureMismatchError, MergeError
 from .expert import LoraModule, SafetyExpert
 
-METHODS = ("co_merge", "linear", "svd", "ties", "dare", "magnitude_prune")
+log = logging.getLogger(__name__)
+
+METHODS = ("co_merge", "linear", "svd", "ties", "dare", "dare_ties", "magnitude_prune")
+RECIPE_KEY = "safetydpo_recipe"
 
 
 # -- checks ------------------------------------------------------------------------------------
 
-def _included(experts: Sequence[SafetyExpert], weights: Optional[Sequence[float]]) -> List[Tuple[SafetyExpert, float]]:
-    """Validate experts and weights; the (expert, weight) pairs with w > 0."""
+def _check_weights(experts: Sequence[SafetyExpert], weights: Optional[Sequence[float]]) -> List[float]:
     if not experts:
         raise MergeError("no experts to merge: give at least one expert")
     if weights is None:
         weights = [1.0] * len(experts)
-    weights = [float(w) for w in weights]
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise MergeError(f"weights must be numbers, got {list(weights)!r}") from None
     if len(weights) != len(experts):
         raise MergeError(f"{len(experts)} experts but {len(weights)} weights: give one weight per expert")
+    names = [e.name for e in experts]
+    if len(set(names)) != len(names):
+        raise MergeError(f"experts need distinct names to be merged (the recipe and statistics use them), got {names}")
     for expert, weight in zip(experts, weights):
-        if weight != weight or weight in (float("inf"), float("-inf")):
-            raise MergeError(f"the weight of expert {expert.name!r} is not a finite number")
+        if not math.isfinite(weight):
+            raise MergeError(f"the weight of expert {expert.name!r} is {weight}, not a finite number")
         if weight < 0:
             raise MergeError(f"the weight of expert {expert.name!r} is {weight}; weights must be ≥ 0 "
                              "(0 leaves the expert out)")
+    return weights
+
+
+def _included(experts: Sequence[SafetyExpert], weights: Optional[Sequence[float]]) -> List[Tuple[SafetyExpert, float]]:
+    """Validate experts and weights; the (expert, weight) pairs with w > 0."""
+    weights = _check_weights(experts, weights)
     included = [(e, w) for e, w in zip(experts, weights) if w > 0]
     if not included:
         raise MergeError("every expert has weight 0: nothing would be merged; give at least one weight > 0")
@@ -52,8 +72,14 @@ def _included(experts: Sequence[SafetyExpert], weights: Optional[Sequence[float]
         raise ArchitectureMismatchError(f"experts for different architectures cannot be merged: {names}")
     shapes: Dict[str, Tuple[torch.Size, str]] = {}
     for expert, _ in included:
+        if not expert.module_names:
+            raise MergeError(f"expert {expert.name!r} changes no module: nothing to merge from it")
         for name in expert.module_names:
             shape = (expert.modules[name].weight_shape if name in expert.modules else expert.diffs[name].shape)
+            if name in expert.modules and name in expert.diffs and expert.diffs[name].shape != shape:
+                raise ArchitectureMismatchError(
+                    f"expert {expert.name!r}, module {name!r}: the LoRA is for shape {tuple(shape)} but the "
+                    f"diff has shape {tuple(expert.diffs[name].shape)}; the expert file is inconsistent")
             if name in shapes and shapes[name][0] != shape:
                 raise ArchitectureMismatchError(
                     f"module {name!r} has shape {tuple(shape)} in expert {expert.name!r} but "
@@ -62,21 +88,50 @@ def _included(experts: Sequence[SafetyExpert], weights: Optional[Sequence[float]
             tensors = [expert.diffs[name]] if name in expert.diffs else []
             if name in expert.modules:
                 tensors += [expert.modules[name].down, expert.modules[name].up]
-            if not all(torch.isfinite(t).all() for t in tensors):
-                raise MergeError(f"expert {expert.name!r} has NaN/Inf values in module {name!r}")
+            if not all(torch.isfinite(t).all() for t in tensors) or (
+                    name in expert.modules and not math.isfinite(float(expert.modules[name].alpha))):
+                raise MergeError(f"expert {expert.name!r} has NaN/Inf values in module {name!r}; "
+                                 "retrain or re-export this expert")
     return included
 
 
-def _result(included, name: str, recipe: dict, modules=None, diffs=None) -> SafetyExpert:
+def _check_rank(rank: Optional[int]) -> Optional[int]:
+    if rank is None:
+        return None
+    if isinstance(rank, bool) or int(rank) != rank or rank < 1:
+        raise MergeError(f"rank must be a whole number ≥ 1 (or None for exact), got {rank!r}")
+    return int(rank)
+
+
+def _result(experts, weights, included, name: str, recipe: dict, modules=None, diffs=None) -> SafetyExpert:
     categories: List[str] = []
     for expert, _ in included:
         categories += [c for c in expert.categories if c not in categories]
     architecture = next((e.architecture for e, _ in included if e.architecture != "unknown"), "unknown")
-    recipe = {**recipe, "experts": [e.name for e, _ in included], "weights": {e.name: w for e, w in included}}
+    all_weights = _check_weights(experts, weights)
+    recipe = {
+        **recipe,
+        "experts": [e.name for e, _ in included],
+        "weights": {e.name: w for e, w in zip(experts, all_weights)},
+        "expert_fingerprints": {e.name: expert_fingerprint(e) for e, _ in included},
+    }
     return SafetyExpert(
         name=name, modules=modules or {}, diffs=diffs or {}, architecture=architecture,
-        categories=categories, metadata={"safetydpo_recipe": json.dumps(recipe)},
+        categories=categories, metadata={RECIPE_KEY: json.dumps(recipe)},
     )
+
+
+def merge_recipe(expert: SafetyExpert) -> dict:
+    """The recipe a merged expert was made with (empty for an expert that is not a merge)."""
+    try:
+        return json.loads(expert.metadata.get(RECIPE_KEY, "{}"))
+    except json.JSONDecodeError:
+        return {}
+
+
+def co_merge_wins(expert: SafetyExpert) -> Dict[str, Dict[str, float]]:
+    """Which expert won what share of each module's rows/elements, from a Co-Merge result's recipe."""
+    return merge_recipe(expert).get("wins_per_module", {})
 
 
 def _all_module_names(included) -> List[str]:
@@ -84,33 +139,33 @@ def _all_module_names(included) -> List[str]:
 
 
 def _low_rank_parts(expert: SafetyExpert, name: str, weight: float):
-    """(down, up) with ΔW = up @ down · weight folded into up (flattened for convolutions)."""
+    """(down, up) with w·ΔW = up @ down, the weight and alpha/rank folded into up (convs flattened)."""
     module = expert.modules[name]
     down = module.down.float().reshape(module.rank, -1)
     up = module.up.float().reshape(module.up.shape[0], module.rank)
     return down, up * (weight * module.scale)
 
 
-def _as_lora(name: str, downs, ups, template: Optional[LoraModule]) -> LoraModule:
-    """Concatenated factors as one module with alpha = rank (scale 1), in the original conv shape."""
+def _as_lora(downs, ups, template: LoraModule) -> LoraModule:
+    """Concatenated factors as one module with alpha = rank (scale 1: ComfyUI reproduces up @ down)."""
     down = torch.cat(downs, dim=0)
     up = torch.cat(ups, dim=1)
     rank = down.shape[0]
-    if template is not None and template.down.dim() == 4:
+    if template.down.dim() == 4:
         down = down.reshape(rank, *template.down.shape[1:])
         up = up.reshape(up.shape[0], rank, 1, 1)
-    return LoraModule(down=down, up=up, alpha=float(rank))
+    return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(rank))
 
 
-def _full_delta(expert: SafetyExpert, name: str) -> torch.Tensor:
-    return expert.delta_weight(name)
+def _is_low_rank(expert: SafetyExpert, name: str) -> bool:
+    return name in expert.modules and name not in expert.diffs
 
 
 # -- linear ------------------------------------------------------------------------------------
 
 def merge_linear(experts: Sequence[SafetyExpert], weights: Optional[Sequence[float]] = None,
                  name: str = "merged_linear") -> SafetyExpert:
-    """Σ_k w_k ΔW_k exactly, as a LoRA of rank Σ r_k (plus summed diffs)."""
+    """Σ_k w_k ΔW_k exactly, as a LoRA of rank Σ r_k (plus the weighted sum of any full diffs)."""
     included = _included(experts, weights)
     modules, diffs = {}, {}
     for module_name in _all_module_names(included):
@@ -124,11 +179,31 @@ def merge_linear(experts: Sequence[SafetyExpert], weights: Optional[Sequence[flo
             if module_name in expert.diffs:
                 diffs[module_name] = diffs.get(module_name, 0) + weight * expert.diffs[module_name].float()
         if downs:
-            modules[module_name] = _as_lora(module_name, downs, ups, template)
-    return _result(included, name, {"method": "linear"}, modules, diffs)
+            modules[module_name] = _as_lora(downs, ups, template)
+    return _result(experts, weights, included, name, {"method": "linear", "rank": None}, modules, diffs)
 
 
 # -- Co-Merge ----------------------------------------------------------------------------------
+
+def _statistic(stats, expert: SafetyExpert, module_name: str, field: str, size: int) -> torch.Tensor:
+    value = getattr(stats[expert.name][module_name], field).float().reshape(-1)
+    if value.numel() != size:
+        raise ArchitectureMismatchError(
+            f"statistics for expert {expert.name!r}, module {module_name!r}: {field} has {value.numel()} "
+            f"entries but the layer has {size}; the statistics were measured on another model")
+    if not torch.isfinite(value).all():
+        raise MergeError(f"statistics for expert {expert.name!r}, module {module_name!r} contain NaN/Inf; "
+                         "recompute them")
+    return value
+
+
+def _relative_errors(errors: Dict[str, Tuple[float, float]]) -> Tuple[Dict[str, float], float]:
+    """Per-module relative Frobenius errors and the overall one (‖all residuals‖ / ‖all ΔW‖)."""
+    per_module = {m: (e / n if n > 0 else 0.0) for m, (e, n) in errors.items()}
+    total = math.sqrt(sum(n * n for _, n in errors.values()))
+    overall = math.sqrt(sum(e * e for e, _ in errors.values())) / total if total > 0 else 0.0
+    return per_module, overall
+
 
 def co_merge(
     experts: Sequence[SafetyExpert],
@@ -138,37 +213,64 @@ def co_merge(
     rank: Optional[int] = None,
     name: str = "merged_co_merge",
 ) -> SafetyExpert:
-    """Keep, for each output row (or element), only the expert with the largest weighted activation."""
+    """Keep, for each output row (or element), only the expert with the largest weighted activation.
+
+    Row mode: winner of output unit j = argmax_k w_k·E|y_k[j]|; the merged ΔW = Σ_k M_k w_k ΔW_k is
+    written exactly as a LoRA of rank Σ r_k (concatenated M_k·B_k and A_k); modules where an expert
+    carries full diffs are written as exact diffs. Element mode: winner per weight by
+    |w_k ΔW_k[j,i]|·sqrt(E x_i²); exact ``diffs``, or a rank-``rank`` LoRA by truncated SVD with the
+    relative Frobenius error per module and overall in the recipe. An expert without a module does
+    not compete there.
+    """
     if granularity not in ("row", "element"):
         raise MergeError(f"unknown Co-Merge granularity {granularity!r}; use 'row' or 'element'")
     if statistics is None:
-        raise MergeError("Co-Merge needs calibration statistics: compute them from the model and prompts first")
+        raise MergeError("Co-Merge needs calibration statistics: compute them from the model and prompts first "
+                         "(calibration.collect_statistics, or trainer/merge.py statistics)")
+    rank = _check_rank(rank)
+    if rank is not None and granularity == "row":
+        raise MergeError("row Co-Merge is exact at rank Σ r_k; a target rank applies to granularity='element' "
+                         "(or use method 'svd' on the result)")
     included = _included(experts, weights)
     stats = {e.name: statistics.for_expert(e) for e, _ in included}
-    modules, diffs, wins, errors = {}, {}, {}, {}
+    plan = []  # every check before any merging: nothing half-merged
     for module_name in _all_module_names(included):
         competitors = [(e, w) for e, w in included if module_name in e.module_names]
+        template = next((e.modules[module_name] for e, _ in competitors if module_name in e.modules), None)
+        shape = template.weight_shape if template is not None else competitors[0][0].diffs[module_name].shape
+        rows = [_statistic(stats, e, module_name, "row_activation", shape[0]) for e, _ in competitors]
+        inputs = None
+        if granularity == "element":  # E x² per input feature (per input channel for convolutions)
+            inputs = [_statistic(stats, e, module_name, "input_sq_mean", shape[1]) for e, _ in competitors]
+        plan.append((module_name, competitors, rows, inputs))
+
+    modules, diffs, wins, errors = {}, {}, {}, {}
+    for module_name, competitors, rows, inputs in plan:
         if granularity == "row":
-            if any(module_name not in e.modules or module_name in e.diffs for e, _ in competitors):
-                raise MergeError(f"row Co-Merge needs LoRA modules; {module_name!r} has full diffs: "
-                                 "use granularity='element'")
-            scores = torch.stack([w * stats[e.name][module_name].row_activation.float() for e, w in competitors])
+            scores = torch.stack([w * a for (_, w), a in zip(competitors, rows)])
             winner = scores.argmax(dim=0)
-            downs, ups = [], []
-            for index, (expert, weight) in enumerate(competitors):
-                down, up = _low_rank_parts(expert, module_name, weight)
-                mask = (winner == index).to(up.dtype).unsqueeze(1)
-                downs.append(down)
-                ups.append(up * mask)
-            modules[module_name] = _as_lora(module_name, downs, ups, competitors[0][0].modules[module_name])
+            if all(_is_low_rank(e, module_name) for e, _ in competitors):
+                downs, ups = [], []
+                for index, (expert, weight) in enumerate(competitors):
+                    down, up = _low_rank_parts(expert, module_name, weight)
+                    downs.append(down)
+                    ups.append(up * (winner == index).to(up.dtype).unsqueeze(1))
+                modules[module_name] = _as_lora(downs, ups, competitors[0][0].modules[module_name])
+            else:
+                merged = None
+                for index, (expert, weight) in enumerate(competitors):
+                    delta = weight * expert.delta_weight(module_name)
+                    mask = (winner == index).to(delta.dtype).reshape(-1, *([1] * (delta.dim() - 1)))
+                    merged = delta * mask if merged is None else merged + delta * mask
+                diffs[module_name] = merged
         else:
-            deltas = torch.stack([w * _full_delta(e, module_name) for e, w in competitors])
+            deltas = torch.stack([w * e.delta_weight(module_name) for e, w in competitors])
             shape = deltas.shape[1:]
             flat = deltas.reshape(len(competitors), shape[0], -1)
             scores = []
-            for (expert, weight), delta in zip(competitors, flat):
-                input_scale = stats[expert.name][module_name].input_sq_mean.float().sqrt()
-                if delta.shape[1] != input_scale.shape[0]:  # conv: repeat per kernel position
+            for delta, input_sq in zip(flat, inputs):
+                input_scale = input_sq.clamp_min(0).sqrt()
+                if delta.shape[1] != input_scale.shape[0]:  # conv: E x² per input channel, repeated per tap
                     input_scale = input_scale.repeat_interleave(delta.shape[1] // input_scale.shape[0])
                 scores.append(delta.abs() * input_scale.unsqueeze(0))
             winner = torch.stack(scores).argmax(dim=0)
@@ -184,26 +286,21 @@ def co_merge(
         for expert_name, share in shares.items():
             overall[expert_name] += share / len(wins)
     recipe = {"method": "co_merge", "granularity": granularity, "rank": rank,
-              "statistics_fingerprints": {e.name: expert_fingerprint(e) for e, _ in included},
-              "wins_overall": overall, "wins_per_module": wins}
+              "statistics_hash": statistics.content_hash(),
+              "wins_overall": {k: round(v, 6) for k, v in overall.items()}, "wins_per_module": wins}
     if errors:
-        recipe["svd_relative_error_per_module"] = errors
-        recipe["svd_relative_error"] = _overall_error(errors, modules, diffs)
-    return _result(included, name, recipe, modules, diffs)
-
-
-def co_merge_wins(expert: SafetyExpert) -> Dict[str, Dict[str, float]]:
-    """Which expert won what share of each module, from a Co-Merge result's recipe."""
-    recipe = json.loads(expert.metadata.get("safetydpo_recipe", "{}"))
-    return recipe.get("wins_per_module", {})
+        per_module, total = _relative_errors(errors)
+        recipe["svd_relative_error_per_module"] = per_module
+        recipe["svd_relative_error"] = total
+        log.info("Co-Merge (element) at rank %d: relative Frobenius error %.4g overall, worst module %.4g",
+                 rank, total, max(per_module.values()))
+    return _result(experts, weights, included, name, recipe, modules, diffs)
 
 
 # -- SVD / TIES / DARE / magnitude -------------------------------------------------------------
 
-def _truncated_svd(delta: torch.Tensor, rank: int) -> Tuple[LoraModule, float]:
-    """Best rank-``rank`` approximation of ΔW as a LoRA module, and its relative Frobenius error."""
-    if rank < 1:
-        raise MergeError(f"rank must be ≥ 1, got {rank}")
+def _truncated_svd(delta: torch.Tensor, rank: int) -> Tuple[LoraModule, Tuple[float, float]]:
+    """Best rank-``rank`` approximation of ΔW as a LoRA module, and (‖residual‖_F, ‖ΔW‖_F)."""
     shape = delta.shape
     matrix = delta.reshape(shape[0], -1).float()
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
@@ -211,51 +308,55 @@ def _truncated_svd(delta: torch.Tensor, rank: int) -> Tuple[LoraModule, float]:
     root = s[:r].sqrt()
     up = u[:, :r] * root
     down = root.unsqueeze(1) * vh[:r]
-    approx = up @ down
-    norm = matrix.norm()
-    error = float((matrix - approx).norm() / norm) if norm > 0 else 0.0
+    # The residual of a truncated SVD is the energy of the dropped singular values.
+    residual = float(s[r:].pow(2).sum().sqrt())
+    norm = float(s.pow(2).sum().sqrt())
     if len(shape) == 4:
         down = down.reshape(r, *shape[1:])
         up = up.reshape(shape[0], r, 1, 1)
-    return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(r)), error
+    return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(r)), (residual, norm)
 
 
-def _overall_error(errors: Dict[str, float], modules, diffs) -> float:
-    return float(sum(errors.values()) / max(len(errors), 1))
-
-
-def _finish_full_rank(included, merged: Dict[str, torch.Tensor], rank: Optional[int], name: str, recipe: dict):
+def _finish_full_rank(experts, weights, included, merged: Dict[str, torch.Tensor], rank: Optional[int],
+                      name: str, recipe: dict) -> SafetyExpert:
     if rank is None:
-        return _result(included, name, recipe, diffs=merged)
+        return _result(experts, weights, included, name, {**recipe, "rank": None}, diffs=merged)
     modules, errors = {}, {}
     for module_name, delta in merged.items():
         modules[module_name], errors[module_name] = _truncated_svd(delta, rank)
-    recipe = {**recipe, "rank": rank, "svd_relative_error_per_module": errors,
-              "svd_relative_error": _overall_error(errors, modules, {})}
-    return _result(included, name, recipe, modules=modules)
+    per_module, total = _relative_errors(errors)
+    log.info("%s merge at rank %d: relative Frobenius error %.4g overall", recipe["method"], rank, total)
+    recipe = {**recipe, "rank": rank, "svd_relative_error_per_module": per_module, "svd_relative_error": total}
+    return _result(experts, weights, included, name, recipe, modules=modules)
 
 
 def merge_svd(experts, weights=None, rank: int = 8, name: str = "merged_svd") -> SafetyExpert:
-    """The linear merge compressed to ``rank`` by truncated SVD (error reported in the recipe)."""
+    """The linear merge compressed to ``rank`` by truncated SVD (relative error in the recipe)."""
+    rank = _check_rank(rank)
+    if rank is None:
+        raise MergeError("merge_svd needs a target rank ≥ 1")
     included = _included(experts, weights)
-    merged = {m: sum(w * _full_delta(e, m) for e, w in included if m in e.module_names)
+    merged = {m: sum(w * e.delta_weight(m) for e, w in included if m in e.module_names)
               for m in _all_module_names(included)}
-    return _finish_full_rank(included, merged, rank, name, {"method": "svd"})
+    return _finish_full_rank(experts, weights, included, merged, rank, name, {"method": "svd"})
 
 
-def _peft_merge(method: str, experts, weights, density: float, rank: Optional[int], seed: int, name: str,
-                majority_sign_method: str = "total"):
+def _peft_merge(method: str, experts, weights, density: float, rank: Optional[int], seed: Optional[int],
+                name: str, majority_sign_method: str = "total") -> SafetyExpert:
     from peft.utils import merge_utils
 
-    if not 0 < density <= 1:
-        raise MergeError(f"density must be in (0, 1], got {density}")
+    if not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise MergeError(f"density must be in (0, 1], got {density!r}")
+    if majority_sign_method not in ("total", "frequency"):
+        raise MergeError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
+    rank = _check_rank(rank)
     included = _included(experts, weights)
     merged = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # DARE's random drops: reproducible, global RNG untouched
+        torch.manual_seed(0 if seed is None else int(seed))
         for module_name in _all_module_names(included):
             competitors = [(e, w) for e, w in included if module_name in e.module_names]
-            deltas = [_full_delta(e, module_name) for e, _ in competitors]
+            deltas = [e.delta_weight(module_name) for e, _ in competitors]
             ws = torch.tensor([w for _, w in competitors], dtype=torch.float32)
             if method == "ties":
                 merged[module_name] = merge_utils.ties(deltas, ws, density, majority_sign_method)
@@ -265,43 +366,73 @@ def _peft_merge(method: str, experts, weights, density: float, rank: Optional[in
                 merged[module_name] = merge_utils.dare_ties(deltas, ws, density, majority_sign_method)
             else:
                 merged[module_name] = merge_utils.magnitude_prune(deltas, ws, density)
-    recipe = {"method": method, "density": density, "seed": seed}
-    return _finish_full_rank(included, merged, rank, name, recipe)
+    recipe = {"method": method, "density": density}
+    if method.startswith("dare"):
+        recipe["seed"] = 0 if seed is None else int(seed)
+    if method.endswith("ties"):
+        recipe["majority_sign_method"] = majority_sign_method
+    return _finish_full_rank(experts, weights, included, merged, rank, name, recipe)
 
 
 def merge_ties(experts, weights=None, density: float = 0.5, rank: Optional[int] = None,
-               name: str = "merged_ties") -> SafetyExpert:
-    """TIES (trim, elect sign, disjoint merge) through peft."""
-    return _peft_merge("ties", experts, weights, density, rank, 0, name)
+               majority_sign_method: str = "total", name: str = "merged_ties") -> SafetyExpert:
+    """TIES (trim to ``density``, elect sign, disjoint merge) through peft; diffs, or SVD at ``rank``."""
+    return _peft_merge("ties", experts, weights, density, rank, None, name, majority_sign_method)
 
 
 def merge_dare(experts, weights=None, density: float = 0.5, rank: Optional[int] = None, seed: int = 0,
-               name: str = "merged_dare") -> SafetyExpert:
-    """DARE (random drop and rescale, then linear) through peft, reproducible with ``seed``."""
-    return _peft_merge("dare", experts, weights, density, rank, seed, name)
+               ties: bool = False, name: str = "merged_dare") -> SafetyExpert:
+    """DARE (random drop to ``density`` and rescale, then linear or TIES) through peft, seeded."""
+    return _peft_merge("dare_ties" if ties else "dare", experts, weights, density, rank, seed, name)
 
 
 def merge_magnitude_prune(experts, weights=None, density: float = 0.5, rank: Optional[int] = None,
                           name: str = "merged_magnitude_prune") -> SafetyExpert:
     """Keep the largest-magnitude fraction ``density`` of each ΔW, then the weighted sum (peft)."""
-    return _peft_merge("magnitude_prune", experts, weights, density, rank, 0, name)
+    return _peft_merge("magnitude_prune", experts, weights, density, rank, None, name)
+
+
+_OPTIONS = {
+    "co_merge": {"granularity"},
+    "linear": set(),
+    "svd": set(),
+    "ties": {"density", "majority_sign_method"},
+    "dare": {"density", "seed"},
+    "dare_ties": {"density", "seed", "majority_sign_method"},
+    "magnitude_prune": {"density"},
+}
 
 
 def merge_experts(experts: Sequence[SafetyExpert], weights: Optional[Sequence[float]] = None,
                   method: str = "co_merge", statistics: Optional[CalibrationStatistics] = None,
                   rank: Optional[int] = None, name: Optional[str] = None, **options) -> SafetyExpert:
-    """One entry point for nodes and the command line."""
+    """One entry point for nodes and the command line: ``method`` is one of ``METHODS``.
+
+    ``rank``: target rank for element Co-Merge and the SVD/TIES/DARE/magnitude results (None = exact
+    diffs; ``svd`` defaults to 8); ignored by ``linear`` and row Co-Merge, which are exact low rank.
+    ``options``: ``granularity`` (co_merge), ``density``, ``seed``, ``majority_sign_method``.
+    """
+    if method not in METHODS:
+        raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+    unknown = sorted(k for k, v in options.items() if k not in _OPTIONS[method] and v is not None)
+    if unknown:
+        raise MergeError(f"option(s) {unknown} do not apply to method {method!r}; "
+                         f"it takes {sorted(_OPTIONS[method]) or 'no options'}")
+    options = {k: v for k, v in options.items() if v is not None}
     name = name or f"merged_{method}"
     if method == "co_merge":
-        return co_merge(experts, weights, statistics, options.get("granularity", "row"), rank, name)
+        granularity = options.get("granularity", "row")
+        return co_merge(experts, weights, statistics, granularity, rank if granularity == "element" else None, name)
     if method == "linear":
         return merge_linear(experts, weights, name)
     if method == "svd":
         return merge_svd(experts, weights, rank or 8, name)
     if method == "ties":
-        return merge_ties(experts, weights, options.get("density", 0.5), rank, name)
-    if method == "dare":
-        return merge_dare(experts, weights, options.get("density", 0.5), rank, options.get("seed", 0), name)
-    if method == "magnitude_prune":
-        return merge_magnitude_prune(experts, weights, options.get("density", 0.5), rank, name)
-    raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
+        return merge_ties(experts, weights, options.get("density", 0.5), rank,
+                          options.get("majority_sign_method", "total"), name)
+    if method in ("dare", "dare_ties"):
+        if method == "dare_ties":
+            return _peft_merge("dare_ties", experts, weights, options.get("density", 0.5), rank,
+                               options.get("seed", 0), name, options.get("majority_sign_method", "total"))
+        return merge_dare(experts, weights, options.get("density", 0.5), rank, options.get("seed", 0), name=name)
+    return merge_magnitude_prune(experts, weights, options.get("density", 0.5), rank, name)

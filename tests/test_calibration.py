@@ -34,7 +34,7 @@ def test_statistics_match_a_direct_computation_and_weights_are_restored():
     experts = [attention_expert(unet, "a", 1), attention_expert(unet, "b", 2)]
     hidden = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(3))
     stats = calibration.calibrate_diffusers_unet(
-        unet, experts, [hidden], DDPMScheduler(), timesteps=[100, 800], latents_shape=(4, 8, 8), seed=0)
+        unet, experts, [hidden], timesteps=[100, 800], latents_shape=(4, 8, 8), noise_scheduler=DDPMScheduler(), seed=0)
     after = unet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
 
