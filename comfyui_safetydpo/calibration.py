@@ -351,3 +351,31 @@ def calibrate_diffusers_unet(
     return collect_statistics(run_model, experts, diffusers_module_lookup(unet),
                               info={"timesteps": [int(t) for t in timesteps], "batches": len(batches),
                                     "prompt_batches": len(encoder_hidden_states_list), "seed": seed})
+
+
+DEFAULT_TIMESTEPS = (100, 300, 500, 700, 900)
+"""Calibration timesteps (of 1000): spread over the schedule, since experts act differently at each."""
+
+
+def calibrate_bundle(
+    bundle,
+    experts: Sequence[SafetyExpert],
+    prompts: Sequence[str],
+    timesteps: Sequence[int] = DEFAULT_TIMESTEPS,
+    seed: int = 0,
+    batch_size: int = 4,
+    clean_latents: Optional[torch.Tensor] = None,
+) -> CalibrationStatistics:
+    """Statistics for a ``models.DiffusionBundle``: encode ``prompts`` (every category), then calibrate its UNet."""
+    prompts = [p for p in prompts if p and p.strip()]
+    if not prompts:
+        raise MergeError("calibration needs prompts (of every category the experts cover); none were given")
+    if batch_size < 1:
+        raise MergeError(f"batch size must be ≥ 1, got {batch_size}")
+    embeddings = [bundle.encode_prompts(prompts[i:i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    size = int(bundle.unet.config.sample_size)
+    statistics = calibrate_diffusers_unet(
+        bundle.unet, experts, embeddings, timesteps, (int(bundle.unet.config.in_channels), size, size),
+        bundle.noise_scheduler, seed, clean_latents=clean_latents)
+    statistics.info.update({"prompts": len(prompts), "model": getattr(bundle, "name", "model")})
+    return statistics

@@ -426,7 +426,7 @@ def merge_experts(experts: Sequence[SafetyExpert], weights: Optional[Sequence[fl
     if method == "linear":
         return merge_linear(experts, weights, name)
     if method == "svd":
-        return merge_svd(experts, weights, rank or 8, name)
+        return merge_svd(experts, weights, 8 if rank is None else rank, name)
     if method == "ties":
         return merge_ties(experts, weights, options.get("density", 0.5), rank,
                           options.get("majority_sign_method", "total"), name)

@@ -75,3 +75,29 @@ def test_weights_are_restored_when_the_model_run_fails():
     except RuntimeError:
         pass
     assert all(torch.equal(before[k], unet.state_dict()[k]) for k in before)
+
+
+def test_convolution_statistics_match_a_direct_computation():
+    unet = tiny_unet()
+    target = "unet.down_blocks.0.resnets.0.conv1"  # 3x3 conv, 16 -> 16 channels
+    conv = unet.get_submodule(target[len("unet."):])
+    g = torch.Generator().manual_seed(4)
+    expert = SafetyExpert("conv", {target: LoraModule(torch.randn(2, 16, 3, 3, generator=g) * 0.1,
+                                                     torch.randn(16, 2, 1, 1, generator=g) * 0.1, 1.0)})
+    inputs = []
+    lookup = calibration.diffusers_module_lookup(unet)
+    hidden = torch.randn(1, 5, 24, generator=torch.Generator().manual_seed(3))
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+
+    def run_model():
+        unet(latents, torch.tensor([500]), encoder_hidden_states=hidden)
+
+    stats = calibration.collect_statistics(run_model, [expert], lookup)
+    handle = conv.register_forward_hook(lambda m, i, o: inputs.append(i[0].detach()))
+    with calibration.expert_applied(expert, lookup), torch.no_grad():
+        run_model()
+    handle.remove()
+    x = inputs[0]
+    y = torch.nn.functional.conv2d(x, expert.delta_weight(target), None, conv.stride, conv.padding)
+    assert torch.allclose(stats.experts["conv"][target].row_activation, y.abs().mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-7)
+    assert torch.allclose(stats.experts["conv"][target].input_sq_mean, x.pow(2).mean(dim=(0, 2, 3)), rtol=1e-4)

@@ -186,3 +186,168 @@ def test_bad_merges_fail_clearly():
         merging.merge_experts([a, b], [1, 1], "co_merge", statistics=None)
     with pytest.raises(MergeError, match="unknown merge method"):
         merging.merge_experts([a, b], [1, 1], "average")
+
+
+# -- command line, end to end through files ----------------------------------------------------
+
+def _tiny_pipeline_folder(root):
+    """A local diffusers pipeline folder (tiny UNet, CLIP text encoder, tokenizer, scheduler)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8)
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    words = ["a", "red", "blue", "square", "gun", "blood"]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c + "</w>": i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    vocab.update({c: len(vocab) + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=8).save_pretrained(root / "tokenizer")
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=8)).save_pretrained(
+        root / "text_encoder", safe_serialization=True)
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(root / "scheduler")
+    (root / "prompts.txt").write_text("\n".join(f"a {w} square" for w in words) + "\n")
+    return unet
+
+
+def _attention_expert(unet, name, seed):
+    g = torch.Generator().manual_seed(seed)
+    modules = {}
+    for module_name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and module_name.endswith(("attn2.to_k", "attn1.to_out.0")):
+            modules[f"unet.{module_name}"] = LoraModule(
+                torch.randn(2, module.in_features, generator=g) * 0.3,
+                torch.randn(module.out_features, 2, generator=g) * 0.3, 4.0)
+    return SafetyExpert(name, modules, architecture="unknown", categories=[name])
+
+
+def _merge_cli():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "trainer" / "merge.py"
+    spec = importlib.util.spec_from_file_location("safetydpo_merge_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def test_command_line_computes_statistics_and_co_merges_files(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    unet = _tiny_pipeline_folder(tmp_path / "model")
+    a, b = _attention_expert(unet, "hate", 1), _attention_expert(unet, "violence", 2)
+    paths = [str(lora_files.save_expert(e, tmp_path / f"{e.name}.safetensors")) for e in (a, b)]
+    cli, script = _merge_cli()
+    stats_path = tmp_path / "stats.safetensors"
+    assert cli.main(["statistics", *paths, "--model", str(tmp_path / "model"), "--prompts",
+                     str(tmp_path / "model" / "prompts.txt"), "--timesteps", "200,800", "--output", str(stats_path)]) == 0
+    statistics = CalibrationStatistics.load(stats_path)
+    assert statistics.info["prompts"] == 6 and set(statistics.experts) == {"hate", "violence"}
+
+    out = tmp_path / "merged.safetensors"
+    assert cli.main([*paths, "--weights", "1,0.5", "--method", "co_merge", "--statistics", str(stats_path),
+                     "--output", str(out)]) == 0
+    assert "Co-Merge winners" in capsys.readouterr().out
+    merged = lora_files.load_expert(out)
+    for m in a.modules:
+        score_a = statistics.experts["hate"][m].row_activation
+        score_b = 0.5 * statistics.experts["violence"][m].row_activation
+        expected = torch.where((score_a >= score_b).unsqueeze(1), a.delta_weight(m), 0.5 * b.delta_weight(m))
+        assert torch.allclose(merged.delta_weight(m), expected, atol=1e-6)
+    recipe = merging.merge_recipe(merged)
+    assert recipe["weights"] == {"hate": 1.0, "violence": 0.5}
+    assert recipe["statistics_hash"] == statistics.content_hash()
+
+    # Merging the merge again, through the real script from another working directory.
+    twice = tmp_path / "twice.safetensors"
+    run = subprocess.run([sys.executable, str(script), str(out), paths[1], "--weights", "1,0", "--method", "linear",
+                          "--output", str(twice)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    again = lora_files.load_expert(twice)
+    for m in a.modules:
+        assert torch.allclose(again.delta_weight(m), merged.delta_weight(m), atol=1e-6)
+
+    # Co-Merge without statistics or a model: a clear message, exit code 2, no output file.
+    missing = tmp_path / "none.safetensors"
+    assert cli.main([*paths, "--method", "co_merge", "--output", str(missing)]) == 2
+    assert "needs calibration statistics" in capsys.readouterr().err and not missing.exists()
+
+
+def test_modules_in_only_some_experts_and_results_with_diffs_merge_again():
+    a = make_expert("a", 0)
+    b = make_expert("b", 1, modules={"unet.a.to_q": (12, 10), "unet.d.to_v": (8, 10)})
+    acts = {"a": {m: torch.full((o,), 1.0) for m, (o, _) in MODULES.items()},
+            "b": {"unet.a.to_q": torch.full((12,), 2.0), "unet.d.to_v": torch.full((8,), 0.1)}}
+    stats = make_statistics([a, b], acts)
+    merged = merging.co_merge([a, b], [1, 1], stats)
+    assert torch.allclose(merged.delta_weight("unet.a.to_q"), b.delta_weight("unet.a.to_q"), atol=1e-5)
+    assert torch.allclose(merged.delta_weight("unet.d.to_v"), b.delta_weight("unet.d.to_v"), atol=1e-5)
+    assert torch.allclose(merged.delta_weight("unet.b.to_k"), a.delta_weight("unet.b.to_k"), atol=1e-5)
+    assert merging.co_merge_wins(merged)["unet.d.to_v"] == {"b": 1.0}
+
+    # An element-wise result (full diffs) competes again in a row Co-Merge, written as exact diffs.
+    element = merging.co_merge([a, b], [1, 1], stats, granularity="element", name="ab")
+    c = make_expert("c", 2)
+    element_acts = {m: torch.where(torch.arange(o) < o // 2, torch.tensor(5.0), torch.tensor(0.0))
+                    for m, o in [(m, element.delta_weight(m).shape[0]) for m in element.module_names]}
+    stats2 = make_statistics([c], {"c": {m: torch.ones(o) for m, (o, _) in MODULES.items()}})
+    stats2.experts["ab"] = {m: ModuleStatistics(element_acts[m], torch.ones(element.delta_weight(m).shape[1]), 4)
+                            for m in element.module_names}
+    stats2.fingerprints["ab"] = expert_fingerprint(element)
+    again = merging.co_merge([element, c], [1, 1], stats2)
+    m = "unet.a.to_q"
+    top = element.delta_weight(m)[:6]
+    assert torch.equal(again.diffs[m][:6], top) and torch.allclose(again.diffs[m][6:], c.delta_weight(m)[6:])
+
+
+def test_reported_svd_error_is_the_real_relative_error():
+    experts = [make_expert("a", 0), make_expert("b", 1), make_expert("c", 2)]
+    svd = merging.merge_svd(experts, [1, 0.5, 2], rank=2)
+    linear = merging.merge_linear(experts, [1, 0.5, 2])
+    recipe = merging.merge_recipe(svd)
+    residual = sum(float((svd.delta_weight(m) - linear.delta_weight(m)).norm() ** 2) for m in MODULES)
+    total = sum(float(linear.delta_weight(m).norm() ** 2) for m in MODULES)
+    assert recipe["svd_relative_error"] == pytest.approx((residual / total) ** 0.5, rel=1e-3)
+    for m in MODULES:
+        real = relative_error(svd.delta_weight(m), linear.delta_weight(m))
+        assert recipe["svd_relative_error_per_module"][m] == pytest.approx(real, rel=1e-3)
+
+
+def test_statistics_that_do_not_fit_are_refused(tmp_path):
+    a, b = make_expert("a", 0), make_expert("b", 1)
+    acts = {e.name: {m: torch.rand(o) for m, (o, _) in MODULES.items()} for e in (a, b)}
+    acts["b"]["unet.b.to_k"] = torch.rand(7)  # measured on another model
+    with pytest.raises(ArchitectureMismatchError, match="'b'.*unet.b.to_k"):
+        merging.co_merge([a, b], [1, 1], make_statistics([a, b], acts))
+    damaged = tmp_path / "stats.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"0/unet.a.to_q/row_activation": torch.ones(12)}, str(damaged),
+              metadata={"safetydpo_kind": "co_merge_statistics", "experts": '["a"]', "fingerprints": "{}"})
+    with pytest.raises(MergeError, match="damaged"):
+        CalibrationStatistics.load(damaged)
+    lora = lora_files.save_expert(a, tmp_path / "a.safetensors")
+    with pytest.raises(MergeError, match="not a Co-Merge statistics file"):
+        CalibrationStatistics.load(lora)
+
+
+def test_dispatcher_routes_methods_and_rejects_stray_options():
+    experts = [make_expert("a", 0), make_expert("b", 1)]
+    for method in ("linear", "svd", "ties", "dare", "dare_ties", "magnitude_prune"):
+        merged = merging.merge_experts(experts, [1, 1], method, rank=3 if method != "linear" else None, seed=1
+                                       if method.startswith("dare") else None)
+        assert merging.merge_recipe(merged)["method"] == method
+        assert set(merged.module_names) == set(MODULES)
+    with pytest.raises(MergeError, match="density"):
+        merging.merge_experts(experts, [1, 1], "linear", density=0.3)
+    with pytest.raises(MergeError, match="density must be"):
+        merging.merge_experts(experts, [1, 1], "ties", density=1.5)
+    with pytest.raises(MergeError, match="rank"):
+        merging.merge_experts(experts, [1, 1], "svd", rank=-2)

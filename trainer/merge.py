@@ -1,0 +1,228 @@
+"""Merge safety-expert LoRA files (Co-Merge or a baseline), and compute Co-Merge calibration statistics.
+
+Run from the plugin folder (``ComfyUI/custom_nodes/safetydpo``) with ComfyUI's Python or ``.venv``:
+
+    # merge with per-concept weights (0 leaves an expert out)
+    python trainer/merge.py hate.safetensors violence.safetensors --weights 1,0.5 \\
+        --method co_merge --statistics stats.safetensors --output merged.safetensors
+
+    # compute the statistics once from a diffusers model folder and calibration prompts
+    python trainer/merge.py statistics hate.safetensors violence.safetensors \\
+        --model path/to/diffusers_pipeline --prompts prompts.txt --output stats.safetensors
+
+Methods: co_merge (granularity row = exact LoRA of rank Σ r_k, or element = exact diffs / SVD at
+--rank), linear (exact), svd (--rank), ties, dare, dare_ties, magnitude_prune (--density, --seed;
+diffs, or SVD at --rank). The result is a kohya-key LoRA with explicit alpha, loadable by ComfyUI's
+LoraLoader, with the merge recipe in its metadata. Statistics depend only on the experts and the
+model, so re-merging with new weights needs no model pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
+if str(PLUGIN_DIR) not in sys.path:
+    sys.path.insert(0, str(PLUGIN_DIR))
+
+from comfyui_safetydpo import calibration, lora_files, merging  # noqa: E402
+from comfyui_safetydpo.errors import SafetyDPOError  # noqa: E402
+
+PROMPT_COLUMNS = ("prompt", "unsafe_prompt", "unsafe prompt", "text", "caption")
+
+
+# -- inputs ------------------------------------------------------------------------------------
+
+def parse_weights(text, count: int):
+    """'1,0.5,0' -> [1.0, 0.5, 0.0]; None -> all ones."""
+    if text is None:
+        return [1.0] * count
+    try:
+        weights = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise SafetyDPOError(f"--weights must be comma-separated numbers, e.g. 1,0.5 (got {text!r})") from None
+    if len(weights) != count:
+        raise SafetyDPOError(f"--weights has {len(weights)} numbers for {count} expert files: give one per file")
+    return weights
+
+
+def read_prompts(path) -> list:
+    """Prompts from a .txt file (one per line) or a .csv file (a 'prompt'-like column)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SafetyDPOError(f"{path}: no such prompt file")
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = {c.lower().strip(): c for c in (reader.fieldnames or [])}
+            column = next((columns[c] for c in PROMPT_COLUMNS if c in columns), None)
+            if column is None:
+                raise SafetyDPOError(f"{path}: no prompt column; expected one of {', '.join(PROMPT_COLUMNS)}, "
+                                     f"found {reader.fieldnames}")
+            prompts = [row[column].strip() for row in reader if (row.get(column) or "").strip()]
+    else:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise SafetyDPOError(f"{path}: holds no prompts")
+    return prompts
+
+
+def load_diffusers_bundle(folder, device: str = "cpu"):
+    """A ``DiffusionBundle`` from a local diffusers pipeline folder (unet/, text_encoder/, tokenizer/ ...)."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    from comfyui_safetydpo import unet_keys
+    from comfyui_safetydpo.models import DiffusionBundle
+
+    folder = Path(folder)
+    missing = [part for part in ("unet", "text_encoder", "tokenizer") if not (folder / part).is_dir()]
+    if missing:
+        raise SafetyDPOError(
+            f"{folder}: not a diffusers pipeline folder (missing {', '.join(missing)}/). Calibration needs the "
+            "UNet, text encoder(s) and tokenizer(s) of the model the experts were trained for; give the folder "
+            "that holds model_index.json, or pass an existing --statistics file.")
+    options = dict(local_files_only=True, use_safetensors=True)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **options)
+        encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **options)]
+        tokenizers = [AutoTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True)]
+        if (folder / "text_encoder_2").is_dir():
+            encoders.append(CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **options))
+            tokenizers.append(AutoTokenizer.from_pretrained(folder, subfolder="tokenizer_2", local_files_only=True))
+        if (folder / "scheduler").is_dir():
+            scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+        else:
+            scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    except (OSError, ValueError, EnvironmentError) as error:
+        raise SafetyDPOError(f"{folder}: could not load the model ({error}); it must be a local diffusers "
+                             "folder with .safetensors weights") from None
+    unet.to(device).eval()
+    for encoder in encoders:
+        encoder.to(device).eval()
+    width = int(unet.config.cross_attention_dim if not isinstance(unet.config.cross_attention_dim, (list, tuple))
+                else unet.config.cross_attention_dim[0])
+    architecture = unet_keys.CONTEXT_WIDTH_TO_ARCHITECTURE.get(width, "unknown")
+    scale = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1) \
+        if (folder / "vae" / "config.json").is_file() else 1
+    return DiffusionBundle(
+        unet=unet, text_encoders=encoders, tokenizers=tokenizers, noise_scheduler=scheduler, vae=None,
+        architecture=architecture, prediction_type=scheduler.config.prediction_type,
+        resolution=int(unet.config.sample_size) * scale, name=folder.name)
+
+
+def load_experts(paths):
+    experts = [lora_files.load_expert(path) for path in paths]
+    names = [e.name for e in experts]
+    for index, expert in enumerate(experts):  # two files with one internal name: keep them apart
+        if names.count(expert.name) > 1:
+            expert.name = f"{expert.name}_{Path(paths[index]).stem}_{index}"
+    return experts
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+def compute_statistics(args, experts):
+    if not args.model:
+        raise SafetyDPOError(
+            "Co-Merge needs calibration statistics: pass --statistics FILE (computed earlier) or "
+            "--model DIFFUSERS_FOLDER --prompts FILE to compute them now (`python trainer/merge.py statistics --help`)")
+    if not args.prompts:
+        raise SafetyDPOError("computing statistics needs --prompts FILE: prompts of every category the experts cover")
+    bundle = load_diffusers_bundle(args.model, args.device)
+    for expert in experts:
+        lora_files.check_compatible(expert, bundle.architecture, str(args.model))
+    timesteps = [int(t) for t in args.timesteps.split(",") if t.strip()]
+    prompts = read_prompts(args.prompts)
+    print(f"calibrating {len(experts)} experts on {len(prompts)} prompts x {len(timesteps)} timesteps "
+          f"({bundle.architecture}, {args.device})", flush=True)
+    return calibration.calibrate_bundle(bundle, experts, prompts, timesteps, args.seed, args.batch_size)
+
+
+def run_statistics(args) -> int:
+    experts = load_experts(args.experts)
+    statistics = compute_statistics(args, experts)
+    path = statistics.save(args.output)
+    print(f"wrote {path} (statistics for {', '.join(sorted(statistics.experts))}; hash {statistics.content_hash()})")
+    return 0
+
+
+def run_merge(args) -> int:
+    experts = load_experts(args.experts)
+    weights = parse_weights(args.weights, len(experts))
+    statistics = None
+    if args.method == "co_merge":
+        if args.statistics and Path(args.statistics).is_file():
+            statistics = calibration.CalibrationStatistics.load(args.statistics)
+        else:
+            statistics = compute_statistics(args, experts)
+            if args.statistics:
+                statistics.save(args.statistics)
+                print(f"wrote statistics to {args.statistics}")
+    options = {"granularity": args.granularity if args.method == "co_merge" else None,
+               "density": args.density if args.method in ("ties", "dare", "dare_ties", "magnitude_prune") else None,
+               "seed": args.seed if args.method in ("dare", "dare_ties") else None}
+    merged = merging.merge_experts(experts, weights, args.method, statistics=statistics, rank=args.rank,
+                                   name=args.name or Path(args.output).stem, **options)
+    path = lora_files.save_expert(merged, args.output, key_format=args.format)
+    recipe = merging.merge_recipe(merged)
+    print(merged.describe())
+    if "wins_overall" in recipe:
+        shares = ", ".join(f"{k} {v:.1%}" for k, v in recipe["wins_overall"].items())
+        print(f"Co-Merge winners (share of {recipe['granularity']}s, mean over modules): {shares}")
+    if "svd_relative_error" in recipe:
+        print(f"SVD at rank {recipe['rank']}: relative Frobenius error {recipe['svd_relative_error']:.4g}")
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser(statistics_only: bool) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainer/merge.py" + (" statistics" if statistics_only else ""),
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experts", nargs="+", help="expert LoRA files (.safetensors: kohya, ComfyUI or PEFT keys)")
+    parser.add_argument("--output", required=True,
+                        help="statistics file to write" if statistics_only else "merged LoRA file to write")
+    calib = parser.add_argument_group("calibration (Co-Merge statistics)")
+    calib.add_argument("--model", help="local diffusers pipeline folder of the base model (unet/, text_encoder/, ...)")
+    calib.add_argument("--prompts", help="calibration prompts of every category: .txt (one per line) or .csv")
+    calib.add_argument("--timesteps", default=",".join(map(str, calibration.DEFAULT_TIMESTEPS)),
+                       help="comma-separated timesteps (default %(default)s)")
+    calib.add_argument("--batch-size", type=int, default=4)
+    calib.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda, mps)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for calibration noise and DARE drops")
+    if statistics_only:
+        return parser
+    parser.add_argument("--weights", help="one weight ≥ 0 per expert, comma-separated (default all 1)")
+    parser.add_argument("--method", default="co_merge", choices=merging.METHODS)
+    parser.add_argument("--statistics", help="Co-Merge statistics file: read if it exists, else computed "
+                                             "(needs --model and --prompts) and written here")
+    parser.add_argument("--granularity", default="row", choices=("row", "element"), help="Co-Merge granularity")
+    parser.add_argument("--rank", type=int, help="target rank (svd; element Co-Merge, ties, dare, magnitude_prune: "
+                                                 "SVD of the result; default exact diffs)")
+    parser.add_argument("--density", type=float, default=0.5, help="fraction kept by ties/dare/magnitude_prune")
+    parser.add_argument("--name", help="name of the merged expert (default: output file name)")
+    parser.add_argument("--format", default="kohya", choices=("kohya", "native"), help="key format of the output")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    statistics_only = bool(argv) and argv[0] == "statistics"
+    if statistics_only:
+        argv = argv[1:]
+    args = build_parser(statistics_only).parse_args(argv)
+    try:
+        return run_statistics(args) if statistics_only else run_merge(args)
+    except SafetyDPOError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
