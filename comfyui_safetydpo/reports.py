@@ -102,8 +102,8 @@ def rate_figure(summary: EvaluationSummary):
                 continue
             xs.append(c_index + (v_index - (len(variants) - 1) / 2) * width)
             heights.append(100 * row["rate"])
-            lows.append(100 * (row["rate"] - row["ci_low"]))
-            highs.append(100 * (row["ci_high"] - row["rate"]))
+            lows.append(max(0.0, 100 * (row["rate"] - row["ci_low"])))
+            highs.append(max(0.0, 100 * (row["ci_high"] - row["rate"])))
         axes.bar(xs, heights, width=width, color=colours[variant], label=variant,
                  yerr=[lows, highs], capsize=3, error_kw={"elinewidth": 1})
     axes.set_xticks(range(len(categories)))
