@@ -290,8 +290,8 @@ class Variant:
 
 
 def _check_name(name: str) -> str:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,80}", name):
-        raise DatasetError(f"variant/classifier name {name!r}: use letters, digits and _.+=- (it becomes a folder name)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=@-]{0,80}", name):
+        raise DatasetError(f"variant/classifier name {name!r}: use letters, digits and _.+=@- (it becomes a folder name)")
     return name
 
 

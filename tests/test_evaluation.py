@@ -249,3 +249,59 @@ def test_fid_with_local_inception_weights():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
     assert ev.fid_score(images, images, feature_extractor=model) == pytest.approx(0.0, abs=1e-2)
+
+
+def _evaluate_cli():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "trainer" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("safetydpo_evaluate_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_command_line_evaluates_model_with_and_without_lora(tmp_path, capsys):
+    from diffusers import UNet2DConditionModel
+
+    from comfyui_safetydpo import lora_files
+    from test_merging import _attention_expert, _tiny_pipeline_folder
+
+    _tiny_pipeline_folder(tmp_path / "model")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(  # pixel space (no VAE): 3 channels in and out
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8)
+    unet.save_pretrained(tmp_path / "model" / "unet", safe_serialization=True)
+    (tmp_path / "model" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    lora = lora_files.save_expert(_attention_expert(unet, "violence", 1), tmp_path / "violence.safetensors")
+    (tmp_path / "prompts.txt").write_text("a red square | Violence\na blue square | safe\n")
+    cli = _evaluate_cli()
+    args = ["--model", str(tmp_path / "model"), "--lora", f"violence={lora}", "--strengths", "0.5,1",
+            "--prompts", str(tmp_path / "prompts.txt"), "--seeds", "2", "--steps", "2", "--cfg", "1",
+            "--resolution", "8", "--classifier", "skin_tone", "--output", str(tmp_path / "run")]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "report:" in out and "violence@0.5" in out
+    run = ev.EvaluationRun.load(tmp_path / "run")
+    assert [v.name for v in run.variants] == ["base", "violence@0.5", "violence@1"]
+    lines = run.generations_path.read_text().count("\n")
+    assert lines == 3 * 2 * 2
+    # the LoRA changes the images; strength 0 would not
+    base = ev.load_png(run.image_path("base", 1, 0)).astype(int)
+    full = ev.load_png(run.image_path("violence@1", 1, 0)).astype(int)
+    assert np.abs(base - full).mean() > 0
+    assert (tmp_path / "run" / "report" / "report.html").is_file()
+    # again: resumes, renders nothing
+    assert cli.main(args) == 0
+    assert run.generations_path.read_text().count("\n") == lines
+    # another configuration in the same folder is refused with a clear message
+    changed = [a if a != "2" or args[i - 1] != "--steps" else "3" for i, a in enumerate(args)]
+    assert cli.main(changed) == 2
+    assert "holds another evaluation" in capsys.readouterr().err
+    # an empty prompt list is a clear error
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    assert cli.main(args[:8] + ["--prompts", str(tmp_path / "empty.txt"), "--output", str(tmp_path / "r2")]) == 2
+    assert "no prompts" in capsys.readouterr().err
