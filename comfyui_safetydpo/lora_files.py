@@ -2,24 +2,42 @@
 
 Public API:
 - ``load_expert(path, name=None, architecture=None, layout=None) -> SafetyExpert``
-- ``expert_from_state_dict(state_dict, metadata=None, name=..., source=..., ...) -> SafetyExpert``
-- ``save_expert(expert, path, key_format="kohya"|"native", layout=None)`` (atomic)
+- ``expert_from_state_dict(state_dict, metadata=None, name=..., architecture=None, layout=None,
+  adapter_config=None, source=...) -> SafetyExpert`` (in-memory tensors: nodes, trainer)
+- ``save_expert(expert, path, key_format="kohya"|"native"|"peft", layout=None)`` (atomic)
 - ``expert_to_state_dict(expert, key_format, layout) -> (tensors, metadata)``
+- ``read_safetensors(path) -> (tensors, metadata)`` with clear errors for pickles and broken files
 - ``detect_architecture(state_dict_or_expert)`` and ``check_compatible(expert, architecture)``
+
+Formats:
+- kohya: ``lora_unet_<diffusers path with _>`` / ``lora_te_`` (SD1.5/2.1) / ``lora_te1_`` + ``lora_te2_``
+  (SDXL), each with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``; ``ss_*`` metadata.
+- native (ComfyUI): ``diffusion_model.<LDM path>.lora_down.weight`` …; needs the UNet layout, taken
+  from ``layout=``, our ``safetydpo_unet_layout`` metadata or the architecture's preset. Text-encoder
+  modules of a native file are written with kohya names, which ComfyUI reads for CLIP.
+- PEFT / diffusers: ``<module>.lora_A.weight`` / ``.lora_B.weight`` (also ``.lora_A.default.weight``,
+  ``processor.to_q_lora.down.weight``, ``.lora.down.weight``) with ``unet.``, ``text_encoder.``,
+  ``base_model.model.`` prefixes. PEFT files carry no alpha tensors: alpha comes from diffusers'
+  ``lora_adapter_metadata``, else an ``adapter_config.json`` beside the file (``lora_alpha``, ``r``,
+  ``alpha_pattern``, ``rank_pattern``, ``use_rslora``), else alpha = rank with a logged warning.
+- ``<module>.diff``: full weight differences (element-wise merges), any of the name styles above.
 
 Why kohya by default: it is the one format ComfyUI, A1111/Forge and diffusers all load. We always
 write an explicit ``.alpha`` per module, because a missing alpha means scale 1 in ComfyUI and some
-diffusers helpers silently write alpha = rank (DESIGN.md: trained ΔW came out at half size).
-Only safetensors are read; a pickle is refused with a message, never unpickled.
+diffusers helpers silently write alpha = rank (DESIGN.md: trained ΔW came out at half size), while
+ComfyUI drops PEFT-keyed attention LoRAs without an error. Only safetensors are read; a pickle is
+refused with a message, never unpickled.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -31,15 +49,20 @@ from .expert import ARCHITECTURES, LoraModule, SafetyExpert
 
 log = logging.getLogger(__name__)
 
+KEY_FORMATS = ("kohya", "native", "peft")
 SS_BASE_MODEL_VERSION = {"sd15": "sd_v1", "sd21": "sd_2.1", "sdxl": "sdxl_base_v1-0", "demo": "safetydpo_demo"}
-_SS_TO_ARCHITECTURE = {"sd_v1": "sd15", "sd_2.0": "sd21", "sd_2.1": "sd21", "sdxl_base_v1-0": "sdxl"}
+_SS_TO_ARCHITECTURE = {"sd_v1": "sd15", "sd_2.0": "sd21", "sd_2.1": "sd21", "sd_v2": "sd21",
+                       "sdxl_base_v1-0": "sdxl", "safetydpo_demo": "demo"}
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' metadata key for PEFT configs
 
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
+_PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 _PEFT_SUFFIX = re.compile(r"^(?P<module>.+?)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
 _PROCESSOR_SUFFIX = re.compile(
     r"^(?P<module>.+?)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<which>up|down)\.weight$"
 )
+_OLD_DIFFUSERS_SUFFIX = re.compile(r"^(?P<module>.+?)\.(?:lora|lora_linear_layer)\.(?P<which>up|down)\.weight$")
 
 
 # -- reading -----------------------------------------------------------------------------------
@@ -78,7 +101,7 @@ def read_safetensors(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 
 def load_expert(path, name: Optional[str] = None, architecture: Optional[str] = None,
                 layout: Optional[unet_keys.UNetLayout] = None) -> SafetyExpert:
-    """Read a LoRA file in any supported format as a ``SafetyExpert``."""
+    """Read a LoRA file in any supported format as a ``SafetyExpert`` (float32 tensors)."""
     path = Path(path)
     tensors, metadata = read_safetensors(path)
     config = _adapter_config_beside(path)
@@ -96,9 +119,12 @@ def _adapter_config_beside(path: Path) -> Optional[dict]:
     candidate = path.parent / "adapter_config.json"
     if candidate.is_file():
         try:
-            return json.loads(candidate.read_text())
+            config = json.loads(candidate.read_text())
         except json.JSONDecodeError as error:
             raise LoraFormatError(f"{candidate}: not valid JSON ({error})") from None
+        if not isinstance(config, dict):
+            raise LoraFormatError(f"{candidate}: expected a JSON object (peft's LoraConfig)")
+        return config
     return None
 
 
@@ -111,16 +137,21 @@ def expert_from_state_dict(
     adapter_config: Optional[dict] = None,
     source: str = "state dict",
 ) -> SafetyExpert:
-    """Build an expert from LoRA tensors in kohya, native, PEFT/diffusers or ``.diff`` form."""
+    """Build an expert from LoRA tensors in kohya, native, PEFT/diffusers or ``.diff`` form.
+
+    Tensors are copied to float32 on the CPU (mixed dtypes are fine). ``architecture`` overrides
+    what the metadata or the key shapes say; ``layout`` is needed only for LDM-named keys of a
+    UNet that is not a preset.
+    """
     metadata = dict(metadata or {})
     if architecture is None:
-        architecture = metadata.get("safetydpo_architecture") or _SS_TO_ARCHITECTURE.get(
-            metadata.get("ss_base_model_version", "")) or detect_architecture(state_dict)
+        architecture = (metadata.get("safetydpo_architecture")
+                        or _SS_TO_ARCHITECTURE.get(metadata.get("ss_base_model_version", ""))
+                        or detect_architecture(state_dict))
     if architecture not in ARCHITECTURES:
-        raise LoraFormatError(f"{source}: unknown architecture {architecture!r}")
+        raise LoraFormatError(f"{source}: unknown architecture {architecture!r}; expected one of {ARCHITECTURES}")
     if layout is None and metadata.get("safetydpo_unet_layout"):
-        layout = unet_keys.UNetLayout(**{k: tuple(v) if isinstance(v, list) else v
-                                         for k, v in json.loads(metadata["safetydpo_unet_layout"]).items()})
+        layout = unet_keys.layout_from_json(metadata["safetydpo_unet_layout"])
     if layout is None and architecture in unet_keys.LAYOUTS:
         layout = unet_keys.LAYOUTS[architecture]
 
@@ -128,59 +159,97 @@ def expert_from_state_dict(
     ups: Dict[str, torch.Tensor] = {}
     alphas: Dict[str, float] = {}
     diffs: Dict[str, torch.Tensor] = {}
+    key_of: Dict[str, str] = {}  # canonical module → one file key, for error messages
     unknown = []
     peft_modules = set()
+    adapters = set()
+
+    def needs_layout(kind: str) -> LoraFormatError:
+        return LoraFormatError(
+            f"{source}: {kind} keys need the UNet layout, and the architecture is {architecture!r}; "
+            "pass architecture='sd15'/'sd21'/'sdxl' or layout= (unet_keys.infer_layout_from_ldm_keys)")
 
     def canonical(module_key: str) -> str:
         if module_key.startswith("lora_"):
+            if module_key.startswith("lora_unet_") and layout is None and unet_keys.is_ldm_path(
+                    unet_keys.dotted_from_flat(module_key[len("lora_unet_"):])):
+                raise needs_layout("kohya LDM-style")
             return unet_keys.kohya_to_canonical(module_key, layout)
         if module_key.startswith("diffusion_model."):
             if layout is None:
-                raise LoraFormatError(
-                    f"{source}: ComfyUI native keys need the UNet layout; pass architecture= or layout=")
+                raise needs_layout("ComfyUI native (diffusion_model.)")
             return unet_keys.native_to_canonical(module_key, layout)
-        for prefix in ("base_model.model.unet.", "base_model.model.", "unet.unet.", "unet.", "model."):
+        for prefix in ("base_model.model.unet.", "base_model.model.", "unet.base_model.model.", "unet.unet.",
+                       "unet.", "model."):
             if module_key.startswith(prefix):
                 module_key = module_key[len(prefix):]
                 break
-        if module_key.startswith(("text_encoder.", "text_encoder_2.")):
-            return module_key
-        if module_key.startswith("text_model."):
-            return "text_encoder." + module_key
+        for part in ("text_encoder_2.", "text_encoder."):
+            if module_key.startswith(part):
+                rest = module_key[len(part):]
+                rest = rest[len("base_model.model."):] if rest.startswith("base_model.model.") else rest
+                return part + unet_keys.normalize_text_encoder_path(rest)
+        if module_key.split(".", 1)[0] in ("text_model",) + unet_keys._TEXT_MODEL_HEADS:
+            return "text_encoder." + unet_keys.normalize_text_encoder_path(module_key)
         if unet_keys.is_ldm_path(module_key):
             if layout is None:
-                raise LoraFormatError(f"{source}: LDM-named keys need the UNet layout; pass architecture=")
+                raise needs_layout("LDM-named")
             return "unet." + unet_keys.ldm_to_diffusers(module_key, layout)
+        if not re.match(r"(down_blocks|up_blocks|mid_block|conv_in|conv_out|conv_norm_out|time_embedding|"
+                        r"add_embedding|class_embedding)(\.|$)", module_key):
+            raise LoraFormatError(f"{source}: {module_key!r} is not a UNet or text-encoder module")
         return "unet." + module_key
+
+    def store(target: Dict[str, torch.Tensor], module: str, tensor: torch.Tensor, key: str) -> None:
+        if module in target:
+            raise LoraFormatError(
+                f"{source}: module {module!r} appears twice ({key_of.get(module)!r} and {key!r}); "
+                "the file mixes two spellings of one module")
+        target[module] = tensor
+        key_of.setdefault(module, key)
 
     for key, tensor in state_dict.items():
         if not torch.is_tensor(tensor):
             raise LoraFormatError(f"{source}: {key!r} is not a tensor")
+        tensor = tensor.detach().to(device="cpu", dtype=torch.float32).clone()
         try:
             if key.endswith(".lora_down.weight"):
-                downs[canonical(key[: -len(".lora_down.weight")])] = tensor
+                store(downs, canonical(key[: -len(".lora_down.weight")]), tensor, key)
             elif key.endswith(".lora_up.weight"):
-                ups[canonical(key[: -len(".lora_up.weight")])] = tensor
+                store(ups, canonical(key[: -len(".lora_up.weight")]), tensor, key)
             elif key.endswith(".alpha"):
-                alphas[canonical(key[: -len(".alpha")])] = float(tensor.float().reshape(-1)[0])
+                if tensor.numel() != 1:
+                    raise LoraFormatError(f"{source}: {key!r} must be one number, has shape {tuple(tensor.shape)}")
+                module = canonical(key[: -len(".alpha")])
+                alphas[module] = float(tensor.reshape(-1)[0])
+                key_of.setdefault(module, key)
             elif key.endswith(".diff"):
-                diffs[canonical(key[: -len(".diff")])] = tensor.float()
+                store(diffs, canonical(key[: -len(".diff")]), tensor, key)
             elif (m := _PROCESSOR_SUFFIX.match(key)):
                 proj = "to_out.0" if m.group("proj") == "to_out" else m.group("proj")
                 target = canonical(f"{m.group('module')}.{proj}")
-                (downs if m.group("which") == "down" else ups)[target] = tensor
+                store(downs if m.group("which") == "down" else ups, target, tensor, key)
                 peft_modules.add(target)
-            elif (m := _PEFT_SUFFIX.match(key)):
+            elif (m := _PEFT_SUFFIX.match(key)) or (m := _OLD_DIFFUSERS_SUFFIX.match(key)):
                 target = canonical(m.group("module"))
-                (downs if m.group("which") == "A" else ups)[target] = tensor
+                which = m.group("which")
+                store(downs if which in ("A", "down") else ups, target, tensor, key)
                 peft_modules.add(target)
-            elif key.endswith((".dora_scale", ".diff_b", ".lora_mid.weight")):
+                if "adapter" in m.groupdict() and m.group("adapter"):
+                    adapters.add(m.group("adapter"))
+            elif key.endswith((".dora_scale", ".diff_b", ".lora_mid.weight", ".hada_w1_a", ".lokr_w1")):
                 raise LoraFormatError(
-                    f"{source}: {key!r} is a DoRA/LoCon/bias variant, which safety experts do not support")
+                    f"{source}: {key!r} is a DoRA/LoCon/LoHa/LoKr/bias variant, which safety experts do not support")
             else:
                 unknown.append(key)
         except LoraFormatError as error:
-            if "does not support" in str(error) or "need" in str(error):
+            text = str(error)
+            if "does not exist in a UNet of layout" in text:
+                raise LoraFormatError(
+                    f"{source}: key {key!r}: {text}; the file was made for a UNet with other blocks "
+                    "(pass the right architecture= or layout=)") from None
+            if any(marker in text for marker in ("does not support", "need the UNet layout", "appears twice",
+                                                 "must be one number")):
                 raise
             unknown.append(key)
     if unknown:
@@ -188,24 +257,30 @@ def expert_from_state_dict(
             f"{source}: {len(unknown)} key(s) are not LoRA keys this pack can read, e.g. {unknown[:3]}. "
             "Supported: kohya (lora_unet_*/lora_te*_ .lora_up/.lora_down/.alpha), ComfyUI native "
             "(diffusion_model.*), PEFT/diffusers (lora_A/lora_B) and .diff")
+    if len(adapters) > 1:
+        raise LoraFormatError(
+            f"{source}: the file holds several PEFT adapters ({sorted(adapters)}); save one adapter per file")
 
     missing_pair = sorted(set(downs) ^ set(ups))
     if missing_pair:
-        raise LoraFormatError(f"{source}: module {missing_pair[0]!r} has only one of its up/down matrices")
+        raise LoraFormatError(
+            f"{source}: module {missing_pair[0]!r} (key {key_of[missing_pair[0]]!r}) has only one of its "
+            "up/down matrices")
 
-    peft_alpha = _peft_alpha_lookup(metadata, adapter_config)
+    peft_alpha = _PeftAlpha(metadata, adapter_config, source)
     modules: Dict[str, LoraModule] = {}
     for module in sorted(downs):
-        down, up = downs[module].float(), ups[module].float()
-        if down.dim() not in (2, 4) or up.dim() not in (2, 4) or up.shape[1] != down.shape[0]:
+        down, up = downs[module], ups[module]
+        where = f"module {module!r} (key {key_of[module]!r})"
+        if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0]:
             raise LoraFormatError(
-                f"{source}: module {module!r} has mismatched LoRA shapes up {tuple(up.shape)} / down "
-                f"{tuple(down.shape)} (rank must agree)")
-        if up.dim() == 4 and up.shape[2:] != (1, 1):
-            raise LoraFormatError(f"{source}: module {module!r}: up matrix must be 1×1 for a conv LoRA")
+                f"{source}: {where} has mismatched LoRA shapes up {tuple(up.shape)} / down "
+                f"{tuple(down.shape)}: the rank (up dim 1, down dim 0) must agree")
+        if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
+            raise LoraFormatError(f"{source}: {where}: the up matrix of a conv LoRA must be 1×1")
         for label, tensor in (("down", down), ("up", up)):
             if not torch.isfinite(tensor).all():
-                raise LoraFormatError(f"{source}: module {module!r} has NaN/Inf values in its {label} matrix")
+                raise LoraFormatError(f"{source}: {where} has NaN/Inf values in its {label} matrix")
         rank = down.shape[0]
         if module in alphas:
             alpha = alphas[module]
@@ -214,58 +289,105 @@ def expert_from_state_dict(
         else:
             alpha = float(rank)
             log.warning("%s: module %s has no alpha; using alpha = rank (scale 1) as ComfyUI does", source, module)
-        if not (alpha == alpha) or alpha in (float("inf"), float("-inf")):
-            raise LoraFormatError(f"{source}: module {module!r} has a non-finite alpha")
+        if not math.isfinite(alpha):
+            raise LoraFormatError(f"{source}: {where} has a non-finite alpha")
         modules[module] = LoraModule(down=down, up=up, alpha=alpha)
     for module, diff in diffs.items():
         if not torch.isfinite(diff).all():
-            raise LoraFormatError(f"{source}: module {module!r} has NaN/Inf values in its diff")
+            raise LoraFormatError(f"{source}: module {module!r} (key {key_of[module]!r}) has NaN/Inf values in its diff")
     stray_alpha = sorted(set(alphas) - set(modules))
     if stray_alpha:
-        raise LoraFormatError(f"{source}: alpha without LoRA matrices for module {stray_alpha[0]!r}")
+        raise LoraFormatError(f"{source}: alpha without LoRA matrices: {key_of[stray_alpha[0]]!r}")
     if not modules and not diffs:
         raise LoraFormatError(f"{source}: no LoRA modules found")
 
     categories = []
     if metadata.get("safetydpo_categories"):
         try:
-            categories = list(json.loads(metadata["safetydpo_categories"]))
-        except json.JSONDecodeError:
+            categories = [str(c) for c in json.loads(metadata["safetydpo_categories"])]
+        except (json.JSONDecodeError, TypeError):
             categories = [c.strip() for c in metadata["safetydpo_categories"].split(",") if c.strip()]
     own = {k: v for k, v in metadata.items() if k.startswith("safetydpo_") or k.startswith("ss_")}
     return SafetyExpert(name=name, modules=modules, diffs=diffs, architecture=architecture,
                         categories=categories, metadata=own)
 
 
-def _peft_alpha_lookup(metadata: Dict[str, str], adapter_config: Optional[dict]):
-    """alpha for PEFT modules: adapter_config.json beside the file, or diffusers' metadata, else rank."""
-    config = adapter_config
-    if config is None and metadata.get("lora_adapter_metadata"):
-        try:
-            raw = json.loads(metadata["lora_adapter_metadata"])
-            config = raw.get("unet", raw) if isinstance(raw, dict) else None
-        except json.JSONDecodeError:
-            config = None
-    if config is None and "lora_alpha" in metadata:
-        config = {"lora_alpha": float(metadata["lora_alpha"]), "r": int(metadata.get("r", 0) or 0)}
+class _PeftAlpha:
+    """alpha of PEFT-keyed modules, from diffusers' metadata, an adapter_config.json, or rank.
 
-    def lookup(module: str, rank: int) -> float:
+    peft's scale is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``), with
+    ``alpha_pattern`` / ``rank_pattern`` matched as peft matches them (a suffix of the module path).
+    The returned alpha gives the same scale through ``alpha / rank``.
+    """
+
+    def __init__(self, metadata: Dict[str, str], adapter_config: Optional[dict], source: str):
+        self.source = source
+        self.configs: Dict[str, dict] = {}
+        raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+        if raw:
+            try:
+                packed = json.loads(raw)
+            except json.JSONDecodeError as error:
+                raise LoraFormatError(f"{source}: metadata {LORA_ADAPTER_METADATA_KEY!r} is not JSON ({error})") from None
+            for key, value in packed.items():
+                part, dot, field = key.partition(".")
+                if dot and part in _PARTS:  # diffusers pipelines: "unet.lora_alpha", "text_encoder.r" …
+                    self.configs.setdefault(part, {})[field] = value
+                else:  # model-level save_lora_adapter: unprefixed LoraConfig
+                    self.configs.setdefault("*", {})[key] = value
+        if adapter_config is not None and "*" not in self.configs:
+            self.configs["*"] = adapter_config
+        self.warned = False
+
+    def __call__(self, module: str, rank: int) -> float:
+        part, _, path = module.partition(".")
+        config = self.configs.get(part) or self.configs.get("*")
         if not config:
-            log.warning("PEFT-format module %s has no alpha (no adapter_config.json beside the file); "
-                        "using alpha = rank", module)
+            if not self.warned:
+                log.warning("%s: PEFT-format LoRA without alpha (no %s metadata, no adapter_config.json beside "
+                            "the file); using alpha = rank (scale 1)", self.source, LORA_ADAPTER_METADATA_KEY)
+                self.warned = True
             return float(rank)
-        for pattern, value in (config.get("alpha_pattern") or {}).items():
-            if re.search(pattern, module):
-                return float(value)
-        return float(config.get("lora_alpha", rank))
+        from peft.utils.other import get_pattern_key
 
-    return lookup
+        candidates = [path]
+        if part != "unet" and path.startswith("text_model."):
+            candidates.append(path[len("text_model."):])  # transformers 5 CLIPTextModel paths
+
+        def pattern_value(field: str):
+            patterns = config.get(field) or {}
+            for candidate in candidates:
+                key = get_pattern_key(list(patterns), candidate)
+                if key in patterns:
+                    return patterns[key]
+            return None
+
+        expected_rank = pattern_value("rank_pattern")
+        expected_rank = config.get("r") if expected_rank is None else expected_rank
+        if expected_rank is not None and int(expected_rank) != rank:
+            raise LoraFormatError(
+                f"{self.source}: module {module!r} has rank {rank} but its PEFT config says r = {expected_rank}; "
+                "the adapter_config.json / metadata belongs to another adapter")
+        alpha = pattern_value("alpha_pattern")
+        alpha = float(config.get("lora_alpha", rank) if alpha is None else alpha)
+        if config.get("use_rslora"):
+            return alpha * math.sqrt(rank)  # scale alpha / sqrt(r) = (alpha · sqrt(r)) / r
+        return alpha
 
 
 # -- architecture ------------------------------------------------------------------------------
 
+_TEXT_WIDTH_TO_ARCHITECTURE = {768: "sd15", 1024: "sd21"}
+
+
 def detect_architecture(source) -> str:
-    """sd15 / sd21 / sdxl from key names and cross-attention widths; ``unknown`` otherwise."""
+    """sd15 / sd21 / sdxl from key names and layer widths; ``unknown`` otherwise.
+
+    SDXL: ``add_embedding``/``label_emb``, a second text encoder (``lora_te1_``/``lora_te2_``) or a
+    2048-wide cross-attention context. Otherwise the context width of ``attn2.to_k``/``to_v``
+    (768 → sd15, 1024 → sd21), else the text encoder's width (CLIP-L 768, OpenCLIP-H 1024).
+    ``demo`` is never guessed: it is recorded in our metadata.
+    """
     if isinstance(source, SafetyExpert):
         inputs = {name: module.down for name, module in source.modules.items()}
         inputs.update(source.diffs)
@@ -275,19 +397,29 @@ def detect_architecture(source) -> str:
                   if k.endswith(("lora_down.weight", "lora_A.weight", "down.weight", ".diff"))
                   or re.search(r"lora_A\.[^.]+\.weight$", k)}
     names = " ".join(inputs)
-    if any(marker in names for marker in ("lora_te2_", "text_encoder_2", "add_embedding", "label_emb")):
+    if any(marker in names for marker in ("lora_te1_", "lora_te2_", "text_encoder_2", "add_embedding", "label_emb")):
         return "sdxl"
     for key, tensor in inputs.items():
         if "attn2" in key and ("to_k" in key or "to_v" in key) and tensor.dim() >= 2:
             width = int(tensor.shape[-1])
             if width in unet_keys.CONTEXT_WIDTH_TO_ARCHITECTURE:
                 return unet_keys.CONTEXT_WIDTH_TO_ARCHITECTURE[width]
+    for key, tensor in inputs.items():
+        if ("lora_te_" in key or "text_encoder" in key or "text_model" in key) and "self_attn" in key \
+                and tensor.dim() == 2:
+            width = int(tensor.shape[-1])
+            if width in _TEXT_WIDTH_TO_ARCHITECTURE:
+                return _TEXT_WIDTH_TO_ARCHITECTURE[width]
     return "unknown"
 
 
 def check_compatible(expert: SafetyExpert, architecture: str, source: str = "") -> None:
-    """Raise ArchitectureMismatchError when the expert was made for another architecture."""
-    if expert.architecture in ("unknown",) or architecture in ("unknown",):
+    """Raise ArchitectureMismatchError when the expert was made for another architecture.
+
+    ``unknown`` on either side passes (nothing to compare); shape checks against the model are the
+    caller's second line of defence.
+    """
+    if expert.architecture == "unknown" or architecture == "unknown":
         return
     if expert.architecture != architecture:
         where = f"{source}: " if source else ""
@@ -301,49 +433,96 @@ def check_compatible(expert: SafetyExpert, architecture: str, source: str = "") 
 def expert_to_state_dict(expert: SafetyExpert, key_format: str = "kohya",
                          layout: Optional[unet_keys.UNetLayout] = None,
                          dtype: torch.dtype = torch.float32) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Tensors and metadata for ``expert`` in ``key_format`` ("kohya" or "native")."""
-    if key_format not in ("kohya", "native"):
-        raise LoraFormatError(f"unknown key format {key_format!r}; use 'kohya' or 'native'")
+    """Tensors and metadata for ``expert`` in ``key_format`` ("kohya", "native" or "peft")."""
+    if key_format not in KEY_FORMATS:
+        raise LoraFormatError(f"unknown key format {key_format!r}; use one of {', '.join(KEY_FORMATS)}")
     if key_format == "native" and layout is None:
         layout = unet_keys.layout_for(expert.architecture)
+    if key_format == "peft" and expert.diffs:
+        raise LoraFormatError(
+            f"expert {expert.name!r} has full weight differences, which PEFT files cannot hold; "
+            "save it with key_format='kohya' or 'native'")
 
     def key_for(module: str) -> str:
         if key_format == "native" and module.startswith("unet."):
             return unet_keys.canonical_to_native(module, layout)
+        if key_format == "peft":
+            part, _, path = module.partition(".")
+            if part not in _PARTS:
+                raise LoraFormatError(f"not a canonical module name: {module!r}")
+            return module if part == "unet" else f"{part}.{unet_keys.normalize_text_encoder_path(path)}"
         return unet_keys.canonical_to_kohya(module, expert.architecture)
 
     tensors: Dict[str, torch.Tensor] = {}
     for module, lora in expert.modules.items():
         key = key_for(module)
-        tensors[f"{key}.lora_down.weight"] = lora.down.detach().to(dtype).contiguous()
-        tensors[f"{key}.lora_up.weight"] = lora.up.detach().to(dtype).contiguous()
+        if key_format == "peft":
+            tensors[f"{key}.lora_A.weight"] = lora.down.detach().to("cpu", dtype).contiguous()
+            tensors[f"{key}.lora_B.weight"] = lora.up.detach().to("cpu", dtype).contiguous()
+            continue
+        tensors[f"{key}.lora_down.weight"] = lora.down.detach().to("cpu", dtype).contiguous()
+        tensors[f"{key}.lora_up.weight"] = lora.up.detach().to("cpu", dtype).contiguous()
         tensors[f"{key}.alpha"] = torch.tensor(float(lora.alpha), dtype=torch.float32)
     for module, diff in expert.diffs.items():
-        tensors[f"{key_for(module)}.diff"] = diff.detach().to(dtype).contiguous()
+        tensors[f"{key_for(module)}.diff"] = diff.detach().to("cpu", dtype).contiguous()
+    if len(tensors) != (2 if key_format == "peft" else 3) * len(expert.modules) + len(expert.diffs):
+        raise LoraFormatError(f"expert {expert.name!r}: two modules map to one {key_format} key")
 
     metadata = {k: str(v) for k, v in expert.metadata.items()}
     rank = expert.rank
+    if key_format == "peft":
+        metadata = {k: v for k, v in metadata.items() if not k.startswith("ss_")}
+        metadata[LORA_ADAPTER_METADATA_KEY] = json.dumps(_peft_metadata(expert), sort_keys=True)
+    else:
+        metadata.update({
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(rank if rank is not None else 0),
+            "ss_network_alpha": str(expert.alpha if expert.alpha is not None else (rank or 0)),
+        })
+        if expert.architecture in SS_BASE_MODEL_VERSION:
+            metadata["ss_base_model_version"] = SS_BASE_MODEL_VERSION[expert.architecture]
     metadata.update({
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(rank if rank is not None else 0),
-        "ss_network_alpha": str(expert.alpha if expert.alpha is not None else (rank or 0)),
         "safetydpo_name": expert.name,
         "safetydpo_categories": json.dumps(list(expert.categories)),
         "safetydpo_architecture": expert.architecture,
         "safetydpo_format_version": "1",
     })
-    if expert.architecture in SS_BASE_MODEL_VERSION:
-        metadata["ss_base_model_version"] = SS_BASE_MODEL_VERSION[expert.architecture]
+    metadata.pop("safetydpo_unet_layout", None)
     if layout is not None and layout != unet_keys.LAYOUTS.get(expert.architecture):
-        metadata["safetydpo_unet_layout"] = json.dumps(
-            {"levels": layout.levels, "res_blocks": layout.res_blocks, "down_attention": list(layout.down_attention),
-             "up_attention": list(layout.up_attention), "mid_attention": layout.mid_attention})
+        metadata["safetydpo_unet_layout"] = unet_keys.layout_to_json(layout)
     return tensors, metadata
+
+
+def _peft_metadata(expert: SafetyExpert) -> dict:
+    """diffusers' packed LoraConfig per model part (``unet.r``, ``unet.lora_alpha`` …).
+
+    The most common rank and alpha become ``r`` / ``lora_alpha``; other modules get exact-path
+    entries in ``rank_pattern`` / ``alpha_pattern``; ``target_modules`` lists exact paths so that
+    diffusers' ``load_lora_weights`` adds adapters to these modules only.
+    """
+    packed: dict = {}
+    for part in _PARTS:
+        members = {m[len(part) + 1:]: lora for m, lora in expert.modules.items() if m.partition(".")[0] == part}
+        if not members:
+            continue
+        r = Counter(lora.rank for lora in members.values()).most_common(1)[0][0]
+        alpha = Counter(float(lora.alpha) for lora in members.values()).most_common(1)[0][0]
+        packed[f"{part}.r"] = r
+        packed[f"{part}.lora_alpha"] = alpha
+        packed[f"{part}.target_modules"] = sorted(members)
+        packed[f"{part}.rank_pattern"] = {re.escape(p): lora.rank for p, lora in members.items() if lora.rank != r}
+        packed[f"{part}.alpha_pattern"] = {re.escape(p): float(lora.alpha) for p, lora in members.items()
+                                           if float(lora.alpha) != alpha}
+    return packed
 
 
 def save_expert(expert: SafetyExpert, path, key_format: str = "kohya",
                 layout: Optional[unet_keys.UNetLayout] = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Write ``expert`` atomically (temp file + rename): a crash never leaves a half-written file."""
+    """Write ``expert`` atomically (temp file + rename): a crash never leaves a half-written file.
+
+    ``layout`` matters for ``native`` keys of a UNet that is not a preset; it is recorded in the
+    metadata so that the file reads back without it.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
