@@ -248,7 +248,7 @@ def expert_from_state_dict(
                 raise LoraFormatError(
                     f"{source}: key {key!r}: {text}; the file was made for a UNet with other blocks "
                     "(pass the right architecture= or layout=)") from None
-            if any(marker in text for marker in ("does not support", "need the UNet layout", "appears twice",
+            if any(marker in text for marker in ("do not support", "need the UNet layout", "appears twice",
                                                  "must be one number")):
                 raise
             unknown.append(key)
