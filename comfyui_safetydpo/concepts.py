@@ -100,7 +100,7 @@ def _collect(rows, where_of, extra_categories, on_error, source, problems=None) 
     for number, (unsafe, safe, category, concept) in rows:
         where = where_of(number)
         try:
-            pairs.append(_make_pair(unsafe, safe, category, concept, where, extra_categories, f"{number}"))
+            pairs.append(_make_pair(unsafe, safe, category, concept, where, extra_categories))
         except DatasetError as error:
             problems.append(str(error))
     report_problems(problems, source, on_error)
@@ -245,8 +245,7 @@ def expand_concepts(
                 raise DatasetError(
                     f"expand_concepts: no safe replacement for concept {name!r}; give replacements or a rewrite callable"
                 )
-            pairs.append(_make_pair(unsafe, safe, cat, name, f"concept {name!r}, template {number}", extra,
-                                    f"{name}#{number}"))
+            pairs.append(_make_pair(unsafe, safe, cat, name, f"concept {name!r}, template {number}", extra))
     return PromptPairList(pairs, [], "expanded concepts")
 
 

@@ -169,7 +169,10 @@ def concept_blocks(
     names = []
     for block in blocks:
         shared = collections.Counter(t for i in block for t in distinctive[i])
-        top = [t for t, n in shared.most_common() if n >= max(2, (len(block) + 1) // 2)]
+        # Most shared in the block; ties go to the word more common in the file (the term reused
+        # elsewhere, so its blocks merge), then alphabetically: deterministic under hash seeds.
+        ranked = sorted(shared.items(), key=lambda item: (-item[1], -frequency[item[0]], item[0]))
+        top = [t for t, n in ranked if n >= max(2, (len(block) + 1) // 2)]
         names.append(top[0] if top else f"block{block[0]:06d}")
     return [names[block_of[i]] for i in range(count)]
 
