@@ -371,6 +371,7 @@ def load_pairs(
     pairs, replay = _parse_entries(data, root, extra, problems)
     info = dict(data.get("info") or {})
     dataset = PreferencePairs(root=root, pairs=pairs, replay=replay, info=info)
+    wanted = None
     if categories is not None:
         wanted = [normalise_category(c, extra, where=f"selection for {root}") for c in categories]
         dataset = dataset.select(wanted)
@@ -380,7 +381,7 @@ def load_pairs(
     dataset.info["skipped"] = len(problems)
     dataset.info["skipped_reasons"] = problems[:100]
     if not dataset.pairs:
-        chosen = f" for categories {list(categories)}" if categories is not None else ""
+        chosen = f" for categories {wanted}" if wanted is not None else ""
         available = sorted({c for p in pairs for c in p.categories})
         raise DatasetError(
             f"no usable preference pairs in {root}{chosen} (categories present: {available}, "
