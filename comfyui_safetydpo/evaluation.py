@@ -682,7 +682,7 @@ INCEPTION_HELP = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{file}, convert it once with\n"
     "  python -c \"import torch, safetensors.torch as s; s.save_file(torch.load('{file}', weights_only=True), "
     "'inception-2015-12-05.safetensors')\"\n"
-    "and pass its path (inception_weights=... / --inception-weights) or set {env}. Nothing is downloaded at run time."
+    "and pass its path (inception_weights=...) or set {env}. Nothing is downloaded at run time."
 )
 CLIP_ENV = "SAFETYDPO_CLIP_DIR"
 CLIP_HELP = (
