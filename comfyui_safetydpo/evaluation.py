@@ -137,7 +137,7 @@ def load_prompt_file(path, source: Optional[str] = None) -> List[EvalPrompt]:
         try:  # the data helper's loaders, when present, know every format detail
             from . import concepts  # type: ignore
 
-            loader = getattr(concepts, "load_prompt_list", None) or getattr(concepts, "load_concepts", None)
+            loader = getattr(concepts, "load_concept_file", None)
         except ImportError:
             loader = None
         if loader is not None and path.suffix.lower() in (".yaml", ".yml"):
@@ -174,10 +174,9 @@ def coprov2_prompts(path, split: str = "test") -> List[EvalPrompt]:
         from . import coprov2  # type: ignore
     except ImportError as error:
         raise DatasetError(f"the CoProV2 loader is not available ({error}); pass the CSV as a prompt file") from None
-    loader = getattr(coprov2, "load_coprov2", None) or getattr(coprov2, "load_split", None)
-    if loader is None:
-        raise DatasetError("comfyui_safetydpo.coprov2 has no load_coprov2(); pass the CSV as a prompt file")
-    loaded = loader(path, split=split)
+    if split != "test":
+        raise DatasetError(f"only the CoProV2 test split is for evaluation (asked for {split!r})")
+    loaded = coprov2.load_coprov2_test(path)
     rows = []
     for item in loaded:
         text = getattr(item, "unsafe_prompt", None) or getattr(item, "prompt", None)

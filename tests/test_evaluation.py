@@ -305,3 +305,10 @@ def test_command_line_evaluates_model_with_and_without_lora(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     assert cli.main(args[:8] + ["--prompts", str(tmp_path / "empty.txt"), "--output", str(tmp_path / "r2")]) == 2
     assert "no prompts" in capsys.readouterr().err
+
+
+def test_data_loaders_feed_the_evaluation(tmp_path):
+    concepts = pytest.importorskip("comfyui_safetydpo.concepts")
+    pairs = concepts.parse_pair_lines("a red cube | a blue cube | Violence\n")
+    prompts = ev.normalise_prompts(pairs)
+    assert prompts[0].text == "a red cube" and "Violence" in prompts[0].categories
