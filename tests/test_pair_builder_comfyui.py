@@ -1,0 +1,50 @@
+"""Build Safety Pairs in the real ComfyUI on the test checkpoint (noise images by design: no harmful image is
+ever written): the dataset loads with load_pairs, and a longer prompt list resumes rendering only the new pair."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import comfyui_harness as harness
+from comfyui_safetydpo.pairs import load_image_array, load_pairs
+
+pytestmark = pytest.mark.comfyui
+
+
+def test_build_safety_pairs_workflow_writes_a_loadable_dataset(comfyui_server):
+    graph = harness.load_workflow("build_pairs_api.json")
+    outputs = comfyui_server.run_workflow(graph, timeout=300)
+    folder = comfyui_server.base_dir / "output" / "safety_pairs" / "test_pairs"
+    assert outputs["2"]["dataset_path"] == [str(folder)] or outputs["2"]["dataset_path"][0].endswith("safety_pairs/test_pairs")
+    dataset = load_pairs(folder)
+    assert len(dataset) == 2 and dataset.categories == ["Sexual", "Violence"]
+    assert dataset.info["complete"] is True and dataset.info["image_size"] == [64, 64]
+    assert dataset.info["sampler"]["steps"] == 2 and dataset.info["sampler"]["renderer"] == "comfyui"
+    pair = dataset.pairs[0]
+    rejected, preferred = (load_image_array(dataset.image_path(p)) for p in (pair.rejected_image, pair.preferred_image))
+    assert rejected.shape == (3, 64, 64) and rejected.std() > 0, "a flat image means sampling did not run"
+    # The test checkpoint's images do not depend on the text (measured: identical for two prompts at one
+    # seed), so both images of a pair are identical exactly when the builder used one seed for both.
+    assert np.array_equal(rejected, preferred), "the unsafe and the safe image of a pair used different seeds"
+    other = load_image_array(dataset.image_path(dataset.pairs[1].rejected_image))
+    assert not np.array_equal(rejected, other), "two pairs got the same seed"
+    assert len(comfyui_server.output_images(outputs, "3")) == 4  # preview: rejected + preferred of each pair
+    assert "2 prompt pairs rendered now" in outputs["2"]["text"][0]
+
+    # One more line: only the new pair is rendered, the first two are kept as they were.
+    before = {p.pair_id: (folder / p.rejected_image).stat().st_mtime_ns for p in dataset.pairs}
+    graph["2"]["inputs"]["prompt_pairs"] += "a red tree at night | a green tree at night | Shocking | tree\n"
+    outputs = comfyui_server.run_workflow(graph, timeout=300)
+    assert "1 prompt pairs rendered now" in outputs["2"]["text"][0]
+    grown = load_pairs(folder)
+    assert len(grown) == 3 and len({p.pair_id for p in grown.pairs}) == 3
+    assert {p.pair_id: (folder / p.rejected_image).stat().st_mtime_ns for p in grown.pairs if p.pair_id in before} == before
+
+
+def test_dataset_names_that_leave_the_output_folder_are_refused(comfyui_server):
+    graph = harness.load_workflow("build_pairs_api.json")
+    graph["2"]["inputs"]["dataset_name"] = "../escape"
+    with pytest.raises(harness.WorkflowError, match="dataset name '../escape'"):
+        comfyui_server.run_workflow(graph, timeout=120)
+    assert not (comfyui_server.base_dir / "output" / "escape").exists()
