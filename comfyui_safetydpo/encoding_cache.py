@@ -34,9 +34,23 @@ def _model_identity(bundle) -> str:
     return digest.hexdigest()[:16]
 
 
-def _cache_key(bundle, pairs: PreferencePairs) -> str:
+def module_fingerprint(*modules, label: str = "") -> str:
+    """A short hash of some weights of each module: tells models apart for cache keys."""
+    digest = hashlib.sha256(label.encode())
+    for module in modules:
+        if module is None:
+            continue
+        for index, value in enumerate(module.state_dict().values()):
+            if index >= 3:
+                break
+            digest.update(str(tuple(value.shape)).encode())
+            digest.update(value.detach().float().reshape(-1)[:4096].cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _cache_key(bundle, pairs: PreferencePairs, identity: Optional[str] = None) -> str:
     digest = hashlib.sha256(CACHE_VERSION.encode())
-    digest.update(_model_identity(bundle).encode())
+    digest.update((identity or _model_identity(bundle)).encode())
     for pair in pairs.pairs:
         digest.update(json.dumps([pair.pair_id, pair.prompt, pair.preferred_image, pair.rejected_image]).encode())
         for rel in (pair.preferred_image, pair.rejected_image):
@@ -79,13 +93,19 @@ def _embeddings_for(bundle, prompts: List[str]) -> PromptEmbeddings:
     return encoded.index(torch.tensor([position[p] for p in prompts]))
 
 
-def encode_preference_pairs(bundle, pairs: PreferencePairs, cache_dir: Optional[Path] = None) -> EncodedPreferenceData:
-    """Latents and embeddings for every pair (and replay item), from the cache when it is valid."""
+def encode_preference_pairs(bundle, pairs: PreferencePairs, cache_dir: Optional[Path] = None,
+                            identity: Optional[str] = None) -> EncodedPreferenceData:
+    """Latents and embeddings for every pair (and replay item), from the cache when it is valid.
+
+    ``bundle`` is anything with ``encode_prompts(list) -> PromptEmbeddings`` and ``encode_images(
+    [B, 3, H, W] in [-1, 1]) -> latents`` (a ``DiffusionBundle``, or the ComfyUI node's encoder, which
+    passes its own model ``identity`` for the cache key).
+    """
     if len(pairs) == 0:
         raise DatasetError(f"the dataset in {pairs.root} has no pairs (or the selection is empty)")
     cache_file = None
     if cache_dir is not None:
-        cache_file = Path(cache_dir) / f"encoded_{_cache_key(bundle, pairs)}.safetensors"
+        cache_file = Path(cache_dir) / f"encoded_{_cache_key(bundle, pairs, identity)}.safetensors"
         if cache_file.is_file():
             try:
                 return _read_cache(cache_file)

@@ -562,6 +562,51 @@ def denoiser_for_bundle(bundle) -> TrainableDenoiser:
     )
 
 
+def denoiser_for_ldm_unet(diffusion_model: torch.nn.Module, alphas_cumprod: torch.Tensor, prediction_type: str,
+                          layout, architecture: str) -> TrainableDenoiser:
+    """A TrainableDenoiser over an original-layout (LDM) UNet such as ComfyUI's ``diffusion_model``.
+
+    The module is called as ``diffusion_model(x, timesteps=t, context=..., y=...)`` with DDPM-scaled
+    noisy latents and integer timesteps, which is what it was trained on (ComfyUI's own
+    ``apply_model`` does the same after converting its sigma parameterisation). Module names are LDM
+    paths (``input_blocks.1.1.transformer_blocks.0.attn1.to_q``) and become canonical diffusers
+    names through ``unet_keys.ldm_to_diffusers`` with the model's block ``layout``.
+    """
+    from .unet_keys import ldm_to_diffusers
+
+    def predict(noisy, timesteps, embeddings: PromptEmbeddings):
+        kwargs = {}
+        if "y" in embeddings.added_cond:
+            kwargs["y"] = embeddings.added_cond["y"].to(noisy.dtype)
+        return diffusion_model(noisy, timesteps=timesteps.float(), context=embeddings.encoder_hidden_states.to(noisy.dtype),
+                               **kwargs)
+
+    return TrainableDenoiser(module=diffusion_model, predict=predict, alphas_cumprod=alphas_cumprod.float().cpu(),
+                             prediction_type=prediction_type,
+                             canonical_name=lambda name: "unet." + ldm_to_diffusers(name, layout),
+                             architecture=architecture)
+
+
+def release_inference_tensors(module: torch.nn.Module) -> int:
+    """Replace inference-mode parameters and buffers with ordinary tensors of the same values.
+
+    Weights loaded inside ComfyUI's executor are inference tensors; autograd refuses to save them for
+    backward, even frozen. Each is cloned once, in place (no second model copy); returns how many.
+    """
+    replaced = 0
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, parameter in list(sub._parameters.items()):
+                if parameter is not None and parameter.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(parameter.detach().clone(), requires_grad=False)
+                    replaced += 1
+            for name, buffer in list(sub._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    sub._buffers[name] = buffer.clone()
+                    replaced += 1
+    return replaced
+
+
 def train_expert(bundle, pairs, config: TrainingConfig, output_dir=None, resume: bool = False,
                  progress=None, should_stop=None, cache_dir=None) -> TrainingResult:
     """Encode ``pairs`` (cached) and train one expert on ``bundle``'s UNet."""
