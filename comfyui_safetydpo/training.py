@@ -187,6 +187,8 @@ def remove_lora(module: torch.nn.Module) -> None:
             parent_name, _, child = name.rpartition(".")
             parent = module.get_submodule(parent_name) if parent_name else module
             setattr(parent, child, sub.get_base_layer())
+    if "peft_config" in module.__dict__:
+        del module.peft_config  # peft's bookkeeping on the model; a later injection starts clean
 
 
 def lora_parameters(module: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
@@ -386,11 +388,13 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
             history = state.get("history", [])
             log.info("resumed from %s at step %d", found, step)
     metrics_file = None
+    board = None
     if output_dir:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         metrics_file = Path(output_dir) / "metrics.csv"
         if not resume and metrics_file.exists():
             metrics_file.unlink()
+        board = _tensorboard_writer(Path(output_dir) / "tensorboard")
 
     def checkpoint():
         if checkpoints is None:
@@ -452,6 +456,9 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
         history.append(step_metrics)
         if metrics_file is not None:
             _append_metrics(metrics_file, step_metrics)
+        if board is not None:
+            for key, value in step_metrics.items():
+                board.add_scalar(f"train/{key}", value, step)
         if progress is not None:
             progress(step, config.max_steps, step_metrics)
         if checkpoints is not None and config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
@@ -535,6 +542,15 @@ def _objective(denoiser, data, config, indices, generator, device, low, high):
         metrics["preservation_loss"] = float(preservation.detach())
     metrics["loss"] = float(loss.detach())
     return loss, metrics
+
+
+def _tensorboard_writer(folder: Path):
+    """A TensorBoard writer when ``tensorboard`` is installed (optional extra), else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder))
 
 
 def _append_metrics(path: Path, metrics: Dict[str, float]) -> None:
@@ -623,7 +639,7 @@ def train_expert(bundle, pairs, config: TrainingConfig, output_dir=None, resume:
 
 
 def train_per_category(bundle, pairs, config: TrainingConfig, output_dir, categories=None,
-                       progress=None, should_stop=None) -> Dict[str, TrainingResult]:
+                       progress=None, should_stop=None, resume: bool = False) -> Dict[str, TrainingResult]:
     """One expert per category, trained in turn (each in ``output_dir/<category>``)."""
     results = {}
     for category in categories or pairs.categories:
@@ -633,6 +649,6 @@ def train_per_category(bundle, pairs, config: TrainingConfig, output_dir, catego
         name = category.lower().replace(" ", "_").replace("-", "_")
         category_config = dataclasses.replace(config, expert_name=f"{config.expert_name}_{name}" if config.expert_name != "safety_expert" else name,
                                               categories=(category,))
-        results[category] = train_expert(bundle, subset, category_config, Path(output_dir) / name,
+        results[category] = train_expert(bundle, subset, category_config, Path(output_dir) / name, resume=resume,
                                          progress=progress, should_stop=should_stop)
     return results

@@ -132,3 +132,56 @@ def test_bad_data_and_settings_fail_clearly(tmp_path):
         train_expert(bundle, colour_pairs(tmp_path / "ok", 2), TrainingConfig(**{**FAST, "dpo_weight": 0}))
     with pytest.raises(DatasetError, match="replay"):
         train_expert(bundle, colour_pairs(tmp_path / "ok2", 2), TrainingConfig(**{**FAST, "preservation_weight": 1}))
+
+
+def load_train_cli():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "trainer" / "train.py"
+    spec = importlib.util.spec_from_file_location("safetydpo_train_cli", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_command_line_config_file_flags_and_per_category_mode(tmp_path, capsys):
+    import json
+
+    from training_helpers import save_tiny_diffusers_folder
+
+    from comfyui_safetydpo.pairs import PreferencePair, PreferencePairs, save_image_tensor
+
+    model = save_tiny_diffusers_folder("sd15", tmp_path / "model")
+    pairs = []
+    for i, category in enumerate(["Violence", "Hate", "Violence"]):
+        save_image_tensor(torch.rand(3, 16, 16) * 2 - 1, tmp_path / "pairs" / "images" / f"w{i}.png")
+        save_image_tensor(torch.rand(3, 16, 16) * 2 - 1, tmp_path / "pairs" / "images" / f"l{i}.png")
+        pairs.append(PreferencePair(f"p{i}", f"prompt {i}", f"safe {i}", (category,), f"images/w{i}.png",
+                                    f"images/l{i}.png", i, f"concept {i}"))
+    PreferencePairs(root=tmp_path / "pairs", pairs=pairs).save(tmp_path / "pairs")
+    config = tmp_path / "train.yaml"
+    config.write_text(f"model: {model}\npairs: {tmp_path / 'pairs'}\nmax_steps: 50\nbatch_size: 2\n"
+                      "learning_rate: 0.001\ncheckpoint_every: 0\nexpert_name: cli\n")
+    cli = load_train_cli()
+    assert cli.main(["--config", str(config), "--output", str(tmp_path / "one"), "--max-steps", "2",
+                     "--category", "Violence"]) == 0
+    written = json.loads(capsys.readouterr().out)["experts"]
+    expert = lora_files.load_expert(written["cli"])
+    recipe = json.loads(expert.metadata["safetydpo_recipe"])
+    assert recipe["max_steps"] == 2 and recipe["batch_size"] == 2  # flag over file, file over default
+    assert expert.categories == ["Violence"]
+    assert (tmp_path / "one" / "metrics.csv").read_text().count("\n") == 3
+    assert cli.main(["--config", str(config), "--output", str(tmp_path / "each"), "--max-steps", "1",
+                     "--per-category"]) == 0
+    written = json.loads(capsys.readouterr().out)["experts"]
+    assert set(written) == {"Hate", "Violence"}
+    assert lora_files.load_expert(written["Hate"]).categories == ["Hate"]
+    # bad input: a clear message and exit status 2, no traceback
+    assert cli.main(["--config", str(config), "--output", str(tmp_path / "x"), "--rank", "0"]) == 2
+    assert "rank must be" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("lerning_rate: 1\n")
+    assert cli.main(["--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown settings ['lerning_rate']" in capsys.readouterr().err
