@@ -17,8 +17,10 @@ def test_test_checkpoints_are_detected_as_sd15_and_sdxl(comfy_inprocess, sd15_ch
 
 
 # Every node the pack registers (kept in step with the node modules; a missing one fails the test).
-EXPECTED_NODES = set(
-)
+EXPECTED_NODES = {
+    "SafetyDPOLoadExpert", "SafetyDPOMergeExperts", "SafetyDPOComputeCoMergeStatistics", "SafetyDPOApplyExperts",
+    "SafetyDPOSaveLora", "SafetyDPOTrainExpert", "SafetyDPOBuildSafetyPairs", "SafetyDPOEvaluateSafety",
+}
 
 
 def test_extension_loads_and_lists_every_node(comfyui_server):
