@@ -400,8 +400,9 @@ class MergeSafetyExperts:
                 "density": ("FLOAT", {
                     "default": 0.5, "min": 0.01, "max": 1.0, "step": 0.01,
                     "tooltip": "ties / dare / magnitude_prune: fraction of each update kept."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
-                                 "tooltip": "dare: seed of the random drop."}),
+                "drop_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                                      "tooltip": "dare / dare_ties: seed of the random drop (fixed, so a merge "
+                                                 "repeats exactly)."}),
                 "name": ("STRING", {"default": "safety_merged",
                                     "tooltip": "Name of the merged expert (stored in its metadata)."}),
                 "statistics_file": (statistics_file_choices(), {
@@ -424,8 +425,9 @@ class MergeSafetyExperts:
                    "weight; it needs statistics from Compute Co-Merge Statistics. Linear, SVD, TIES and DARE "
                    "are the usual baselines.")
 
-    def merge(self, experts, method, rank, granularity, density, seed, name, statistics_file,
+    def merge(self, experts, method, rank, granularity, density, drop_seed, name, statistics_file,
               statistics=None):
+        seed = int(drop_seed)
         chain = _check_chain(experts)
         if method not in MERGE_METHODS:
             raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
@@ -497,8 +499,8 @@ class ComputeCoMergeStatistics:
                                   "tooltip": "Image width of the noisy latents (pixels)."}),
                 "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8,
                                    "tooltip": "Image height of the noisy latents (pixels)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
-                                 "tooltip": "Seed of the latents and noise (the same for every expert)."}),
+                "latent_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                                        "tooltip": "Seed of the latents and noise (the same for every expert)."}),
                 "save_name": ("STRING", {
                     "default": "",
                     "tooltip": "If set, also save to models/safety_experts/statistics/<save_name>.safetensors "
@@ -515,7 +517,8 @@ class ComputeCoMergeStatistics:
                    "prompts at the given timesteps with one expert applied at a time. Co-Merge uses this to "
                    "keep the most active expert per output unit. Weights are restored exactly afterwards.")
 
-    def compute(self, model, clip, experts, prompts, timesteps, width, height, seed, save_name):
+    def compute(self, model, clip, experts, prompts, timesteps, width, height, latent_seed, save_name):
+        seed = int(latent_seed)
         chain = _check_chain(experts)
         prompt_list = [p.strip() for p in str(prompts).splitlines() if p.strip()]
         if not prompt_list:

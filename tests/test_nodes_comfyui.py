@@ -146,16 +146,16 @@ def merge_apply_run(server_with_experts):
 
 def test_merge_apply_changes_the_image_and_leaves_the_base_model_untouched(merge_apply_run):
     server, _, _, outputs = merge_apply_run
-    paths = saved_images(server, outputs, "22", "32", "42")
-    base, patched, strength0 = (png(paths[n]) for n in ("22", "32", "42"))
+    paths = saved_images(server, outputs, "22", "32", "42", "52")
+    base, patched, strength0, base_after = (png(paths[n]) for n in ("22", "32", "42", "52"))
     assert base.std() > 0, "a flat base image means sampling did not run"
     difference = np.abs(patched.astype(int) - base.astype(int))
     assert difference.mean() > 1.0, f"the merged experts barely changed the image (mean |Δ| {difference.mean():.3f})"
     assert np.array_equal(strength0, base), "strength 0 must give the base image exactly"
-    # All three share one prefix, so the counters give the execution order: an unpatched branch sampled
-    # after the patched one proves that Apply left the input MODEL as it was.
-    order = sorted(paths, key=lambda n: counter(paths[n]))
-    assert order.index("32") < max(order.index("22"), order.index("42")), order
+    # Node 50 samples the unpatched MODEL from a zero latent made from the patched result (LatentMultiply
+    # by 0), so it runs after the patched sampler: Apply must have left the input MODEL as it was.
+    assert counter(paths["52"]) > counter(paths["32"])
+    assert np.array_equal(base_after, base), "the unpatched branch changed after the patched model was sampled"
 
 
 def test_load_node_reports_categories_and_merge_reports_the_recipe(merge_apply_run):
