@@ -212,7 +212,7 @@ def test_example_loads_in_the_browser_without_missing_nodes(browser_results, pat
         if node["type"] in FRONTEND_ONLY_NODES or not values:
             continue
         shown = [value for _, value in state["widgets"][str(node["id"])]]
-        if shown[:len(values)] != values:
+        if shown != values:  # a widget the file does not count for shifts every later value
             names = [name for name, _ in state["widgets"][str(node["id"])]]
             misaligned.append(f"node {node['id']} ({node['type']}): widgets {names} show {shown}, file has {values}")
     assert not misaligned, "\n".join(misaligned)

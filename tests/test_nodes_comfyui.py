@@ -342,3 +342,21 @@ def test_sdxl_model_takes_sdxl_experts_only(nodes_in_process, comfy_inprocess, s
     sd15 = nodes.ExpertChoice(random_expert(attention_modules(sd15_checkpoint), "v1", "sd15", 11), 1.0, "v1.safetensors")
     with pytest.raises(nodes.ArchitectureMismatchError, match="v1.safetensors: expert 'v1' is for sd15, but the model is sdxl"):
         nodes.apply_experts(model, None, (sd15,), 1.0)
+
+
+def test_save_node_writes_inside_loras_only_and_sums_a_chain(nodes_in_process, sd15_checkpoint):
+    nodes, root = nodes_in_process
+    modules = dict(list(attention_modules(sd15_checkpoint).items())[:4])
+    a = nodes.ExpertChoice(random_expert(modules, "a", "sd15", 12), 1.0, "a.safetensors")
+    b = nodes.ExpertChoice(random_expert(modules, "b", "sd15", 13), 0.5, "b.safetensors")
+    for prefix in ("../outside", "/tmp/outside", "sub/../../outside"):
+        with pytest.raises(nodes.LoraFormatError, match="not a file name inside the model folders"):
+            nodes.SaveSafetyLora().save((a,), prefix)
+    first = nodes.SaveSafetyLora().save((a, b), "merged/safety")["result"][0]
+    second = nodes.SaveSafetyLora().save((a,), "merged/safety")["result"][0]
+    assert (first, second) == ("merged/safety_00001_.safetensors", "merged/safety_00002_.safetensors")
+    saved = lora_files.load_expert(root / "loras" / first)
+    for module in modules:  # the chain is saved as the exact weighted sum
+        expected = a.expert.delta_weight(module) + 0.5 * b.expert.delta_weight(module)
+        assert torch.allclose(saved.delta_weight(module), expected, atol=1e-6)
+    assert sorted(p.name for p in root.rglob("*") if p.is_file() and "outside" in p.name) == []
