@@ -68,13 +68,16 @@ class CalibrationStatistics:
     fingerprints: Dict[str, str]
     info: Dict[str, object] = dataclasses.field(default_factory=dict)
 
-    def for_expert(self, expert: SafetyExpert) -> Dict[str, ModuleStatistics]:
-        """This expert's statistics; refuses statistics measured with other weights."""
+    def for_expert(self, expert: SafetyExpert, fingerprint: Optional[str] = None) -> Dict[str, ModuleStatistics]:
+        """This expert's statistics; refuses statistics measured with other weights.
+
+        ``fingerprint``: the expert's ``expert_fingerprint`` if the caller has it already.
+        """
         if expert.name not in self.experts:
             raise MergeError(
                 f"the calibration statistics have no entry for expert {expert.name!r} (they cover "
                 f"{sorted(self.experts)}); compute statistics for these experts first")
-        if self.fingerprints.get(expert.name) != expert_fingerprint(expert):
+        if self.fingerprints.get(expert.name) != (fingerprint or expert_fingerprint(expert)):
             raise MergeError(
                 f"the calibration statistics for {expert.name!r} were measured with other weights "
                 "(the expert file changed or another expert has this name); recompute the statistics")

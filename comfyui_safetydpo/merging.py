@@ -103,7 +103,8 @@ def _check_rank(rank: Optional[int]) -> Optional[int]:
     return int(rank)
 
 
-def _result(experts, weights, included, name: str, recipe: dict, modules=None, diffs=None) -> SafetyExpert:
+def _result(experts, weights, included, name: str, recipe: dict, modules=None, diffs=None,
+            fingerprints: Optional[Dict[str, str]] = None) -> SafetyExpert:
     categories: List[str] = []
     for expert, _ in included:
         categories += [c for c in expert.categories if c not in categories]
@@ -113,7 +114,7 @@ def _result(experts, weights, included, name: str, recipe: dict, modules=None, d
         **recipe,
         "experts": [e.name for e, _ in included],
         "weights": {e.name: w for e, w in zip(experts, all_weights)},
-        "expert_fingerprints": {e.name: expert_fingerprint(e) for e, _ in included},
+        "expert_fingerprints": fingerprints or {e.name: expert_fingerprint(e) for e, _ in included},
     }
     return SafetyExpert(
         name=name, modules=modules or {}, diffs=diffs or {}, architecture=architecture,
@@ -232,7 +233,8 @@ def co_merge(
         raise MergeError("row Co-Merge is exact at rank Σ r_k; a target rank applies to granularity='element' "
                          "(or use method 'svd' on the result)")
     included = _included(experts, weights)
-    stats = {e.name: statistics.for_expert(e) for e, _ in included}
+    fingerprints = {e.name: expert_fingerprint(e) for e, _ in included}
+    stats = {e.name: statistics.for_expert(e, fingerprints[e.name]) for e, _ in included}
     plan = []  # every check before any merging: nothing half-merged
     for module_name in _all_module_names(included):
         competitors = [(e, w) for e, w in included if module_name in e.module_names]
@@ -264,22 +266,31 @@ def co_merge(
                     merged = delta * mask if merged is None else merged + delta * mask
                 diffs[module_name] = merged
         else:
-            deltas = torch.stack([w * e.delta_weight(module_name) for e, w in competitors])
-            shape = deltas.shape[1:]
-            flat = deltas.reshape(len(competitors), shape[0], -1)
-            scores = []
-            for delta, input_sq in zip(flat, inputs):
+            # Running maximum over experts (first expert wins ties, as argmax would): one ΔW in memory
+            # at a time besides the result, instead of a stack of all of them.
+            best = merged = winner = None
+            for index, ((expert, weight), input_sq) in enumerate(zip(competitors, inputs)):
+                delta = expert.delta_weight(module_name)
+                shape = delta.shape
+                delta = delta.reshape(shape[0], -1).mul_(weight)
                 input_scale = input_sq.clamp_min(0).sqrt()
                 if delta.shape[1] != input_scale.shape[0]:  # conv: E x² per input channel, repeated per tap
                     input_scale = input_scale.repeat_interleave(delta.shape[1] // input_scale.shape[0])
-                scores.append(delta.abs() * input_scale.unsqueeze(0))
-            winner = torch.stack(scores).argmax(dim=0)
-            merged = torch.gather(flat, 0, winner.unsqueeze(0)).squeeze(0).reshape(shape)
+                score = delta.abs().mul_(input_scale.unsqueeze(0))
+                if best is None:
+                    best, merged = score, delta
+                    winner = torch.zeros(delta.shape, dtype=torch.uint8 if len(competitors) < 256 else torch.long)
+                    continue
+                better = score > best
+                torch.maximum(best, score, out=best)
+                torch.where(better, delta, merged, out=merged)
+                winner.masked_fill_(better, index)
+            merged = merged.reshape(shape)
             if rank is None:
                 diffs[module_name] = merged
             else:
                 modules[module_name], errors[module_name] = _truncated_svd(merged, rank)
-        counts = torch.bincount(winner.reshape(-1), minlength=len(competitors)).float()
+        counts = torch.bincount(winner.reshape(-1).long(), minlength=len(competitors)).float()
         wins[module_name] = {e.name: round(float(c / counts.sum()), 6) for (e, _), c in zip(competitors, counts)}
     overall = {e.name: 0.0 for e, _ in included}
     for shares in wins.values():
@@ -294,7 +305,7 @@ def co_merge(
         recipe["svd_relative_error"] = total
         log.info("Co-Merge (element) at rank %d: relative Frobenius error %.4g overall, worst module %.4g",
                  rank, total, max(per_module.values()))
-    return _result(experts, weights, included, name, recipe, modules, diffs)
+    return _result(experts, weights, included, name, recipe, modules, diffs, fingerprints)
 
 
 # -- SVD / TIES / DARE / magnitude -------------------------------------------------------------
@@ -317,6 +328,28 @@ def _truncated_svd(delta: torch.Tensor, rank: int) -> Tuple[LoraModule, Tuple[fl
     return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(r)), (residual, norm)
 
 
+def _truncated_svd_of_factors(up: torch.Tensor, down: torch.Tensor, rank: int, template: LoraModule
+                              ) -> Tuple[LoraModule, Tuple[float, float]]:
+    """Exact truncated SVD of up @ down ([out, R] @ [R, in]) through QR of the factors: O(R²(out+in)).
+
+    With up = Qu Ru and downᵀ = Qd Rd, up @ down = Qu (Ru Rdᵀ) Qdᵀ, so the SVD of the small R×R core
+    gives the singular values and vectors of the full product.
+    """
+    qu, ru = torch.linalg.qr(up)
+    qd, rd = torch.linalg.qr(down.t())
+    u, s, vh = torch.linalg.svd(ru @ rd.t())
+    r = min(rank, s.shape[0])
+    root = s[:r].sqrt()
+    new_up = (qu @ u[:, :r]) * root
+    new_down = root.unsqueeze(1) * (vh[:r] @ qd.t())
+    residual = float(s[r:].pow(2).sum().sqrt())
+    norm = float(s.pow(2).sum().sqrt())
+    if template.down.dim() == 4:
+        new_down = new_down.reshape(r, *template.down.shape[1:])
+        new_up = new_up.reshape(new_up.shape[0], r, 1, 1)
+    return LoraModule(down=new_down.contiguous(), up=new_up.contiguous(), alpha=float(r)), (residual, norm)
+
+
 def _finish_full_rank(experts, weights, included, merged: Dict[str, torch.Tensor], rank: Optional[int],
                       name: str, recipe: dict) -> SafetyExpert:
     if rank is None:
@@ -336,8 +369,21 @@ def merge_svd(experts, weights=None, rank: int = 8, name: str = "merged_svd") ->
     if rank is None:
         raise MergeError("merge_svd needs a target rank ≥ 1")
     included = _included(experts, weights)
-    merged = {m: sum(w * e.delta_weight(m) for e, w in included if m in e.module_names)
-              for m in _all_module_names(included)}
+    names = _all_module_names(included)
+    if all(_is_low_rank(e, m) for m in names for e, _ in included if m in e.module_names):
+        # Low-rank inputs: SVD of the rank-concatenated factors, exact and far cheaper than of ΔW.
+        linear = merge_linear(experts, weights)
+        modules, errors = {}, {}
+        for m in names:
+            lora = linear.modules[m]
+            down, up = _low_rank_parts(linear, m, 1.0)
+            modules[m], errors[m] = _truncated_svd_of_factors(up, down, rank, lora)
+        per_module, total = _relative_errors(errors)
+        log.info("svd merge at rank %d: relative Frobenius error %.4g overall", rank, total)
+        recipe = {"method": "svd", "rank": rank, "svd_relative_error_per_module": per_module,
+                  "svd_relative_error": total}
+        return _result(experts, weights, included, name, recipe, modules=modules)
+    merged = {m: sum(w * e.delta_weight(m) for e, w in included if m in e.module_names) for m in names}
     return _finish_full_rank(experts, weights, included, merged, rank, name, {"method": "svd"})
 
 
