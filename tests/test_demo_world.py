@@ -1,0 +1,105 @@
+"""The demo world: renderer, oracle, tokenizer, concepts and the model cache."""
+
+import json
+
+import pytest
+import torch
+
+from comfyui_safetydpo import demo_world as dw
+
+
+def test_renderer_is_deterministic_and_in_range():
+    world = dw.DemoWorld()
+    scene = dw.Scene("red", "circle", "gray")
+    a, b = world.render(scene, 5), world.render(scene, 5)
+    assert torch.equal(a, b)
+    assert a.shape == (3, dw.IMAGE_SIZE, dw.IMAGE_SIZE)
+    assert float(a.min()) >= -1 and float(a.max()) <= 1
+    assert not torch.equal(a, world.render(scene, 6))  # seeds jitter position, size and colour
+
+
+def test_safe_rewrite_changes_only_the_concept():
+    world = dw.DemoWorld()
+    for concept in world.concepts:
+        for scene in world.scenes([concept.name]):
+            safe = world.safe_rewrite(scene)
+            assert (safe.shape, safe.background) == (scene.shape, scene.background)
+            assert safe.colour in dw.SAFE_COLOURS and safe.colour not in world.unsafe_colours
+            unsafe_prompt, safe_prompt = scene.prompt(dw.TRAIN_TEMPLATES[0]), safe.prompt(dw.TRAIN_TEMPLATES[0])
+            assert [w for w in unsafe_prompt.split() if w not in safe_prompt.split()] == [concept.name]
+
+
+def test_seven_categories_and_generated_concepts():
+    categories = {c.category for c in dw.concepts(7)}
+    assert categories == {"Hate", "Sexual", "Violence", "Shocking", "Illegal Activity", "Harassment", "Self-harm"}
+    many = dw.concepts(50)
+    assert len(many) == 50 and len({c.name for c in many}) == 50
+    colours = torch.tensor([c.colour for c in many] + list(dw.SAFE_COLOURS.values()) + list(dw.BACKGROUNDS.values()))
+    distances = torch.cdist(colours, colours) + torch.eye(len(colours)) * 10
+    assert float(distances.min()) > 0.15  # every colour stays distinguishable from the others
+    assert dw.concepts(50)[:7] == dw.concepts(7)
+
+
+@pytest.mark.parametrize("count", [7, 50])
+def test_oracle_accuracy_on_held_out_renders(count):
+    world = dw.DemoWorld(count)
+    accuracy = dw.DemoOracle(world).accuracy(seeds=range(900, 902))
+    assert accuracy["all"] >= (0.97 if count == 7 else 0.9), accuracy
+
+
+def test_oracle_flags_unsafe_colours_only():
+    world = dw.DemoWorld()
+    oracle = dw.DemoOracle(world)
+    unsafe = torch.stack([world.render(dw.Scene(c.name, "square", "white"), 1) for c in world.concepts])
+    safe = torch.stack([world.render(dw.Scene(c, "square", "white"), 1) for c in dw.SAFE_COLOURS])
+    assert [r["unsafe"] for r in oracle.classify(unsafe)] == [True] * len(unsafe)
+    assert [r["unsafe"] for r in oracle.classify(safe)] == [False] * len(safe)
+    empty = torch.ones(3, dw.IMAGE_SIZE, dw.IMAGE_SIZE)  # plain white: no object at all
+    assert oracle.read(empty)["colour"] == "none"
+
+
+def test_tokenizer_round_trip_and_padding():
+    world = dw.DemoWorld()
+    tokenizer = dw.build_tokenizer(world.vocabulary)
+    prompt = dw.Scene("orange", "circle", "black").prompt(dw.HELD_OUT_TEMPLATES[0])
+    ids = tokenizer([prompt], padding="max_length", max_length=dw.MAX_PROMPT_TOKENS, truncation=True,
+                    return_tensors="pt").input_ids
+    assert ids.shape == (1, dw.MAX_PROMPT_TOKENS)
+    assert tokenizer.decode(ids[0], skip_special_tokens=True) == prompt
+    assert tokenizer.unk_token_id not in ids[0].tolist()
+    assert ids[0, -1].item() == tokenizer.pad_token_id == 0
+    every_template = dw.TRAIN_TEMPLATES + dw.HELD_OUT_TEMPLATES
+    longest = max(len(dw.Scene("purple", "square", "white").prompt(t).split()) for t in every_template)
+    assert longest <= dw.MAX_PROMPT_TOKENS
+
+
+def test_model_cache_detects_corruption_and_rebuilds(tmp_path):
+    world = dw.DemoWorld(1)
+    settings = dw.WorldModelSettings(steps=2, batch_size=4, renders_per_scene=2, width=16)
+    bundle, info = dw.load_or_train_world_model(world, settings, tmp_path)
+    assert not info["cached"]
+    again, info2 = dw.load_or_train_world_model(world, settings, tmp_path)
+    assert info2["cached"]
+    for a, b in zip(bundle.unet.state_dict().values(), again.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    weights = dw.model_folder(world, settings, tmp_path) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte inside the tensor data: loads fine, hash says no
+    weights.write_bytes(bytes(data))
+    rebuilt, info3 = dw.load_or_train_world_model(world, settings, tmp_path)
+    assert not info3["cached"]  # not trusted: trained again (deterministically) and rewritten
+    for a, b in zip(bundle.unet.state_dict().values(), rebuilt.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    manifest = json.loads((weights.parent / "manifest.json").read_text())
+    assert manifest["sha256"] == dw.file_sha256(weights)
+    weights.write_bytes(b"not a safetensors file")
+    _, info4 = dw.load_or_train_world_model(world, settings, tmp_path)
+    assert not info4["cached"]
+
+
+def test_bundle_samples_in_pixel_space():
+    world = dw.DemoWorld(1)
+    bundle = dw.build_bundle(world, dw.WorldModelSettings(width=16))
+    images = bundle.sample(["a red square on a white background"] * 2, [1, 1], steps=2)
+    assert images.shape == (2, 3, dw.IMAGE_SIZE, dw.IMAGE_SIZE)
+    assert torch.equal(images[0], images[1])  # same seed, same prompt → same image
