@@ -101,3 +101,26 @@ def test_convolution_statistics_match_a_direct_computation():
     y = torch.nn.functional.conv2d(x, expert.delta_weight(target), None, conv.stride, conv.padding)
     assert torch.allclose(stats.experts["conv"][target].row_activation, y.abs().mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-7)
     assert torch.allclose(stats.experts["conv"][target].input_sq_mean, x.pow(2).mean(dim=(0, 2, 3)), rtol=1e-4)
+
+
+def test_sdxl_added_conditioning_is_passed_to_the_unet():
+    from comfyui_safetydpo.models import PromptEmbeddings
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=4, projection_class_embeddings_input_dim=12 + 6 * 4)
+    expert = attention_expert(unet, "a", 1)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 24, generator=g)
+    added = {"text_embeds": torch.randn(2, 12, generator=g), "time_ids": torch.tensor([[8.0, 8, 0, 0, 8, 8]] * 2)}
+    common = dict(timesteps=[300], latents_shape=(4, 8, 8), noise_scheduler=DDPMScheduler(), seed=0)
+    from_embeddings = calibration.calibrate_diffusers_unet(unet, [expert], [PromptEmbeddings(hidden, added)], **common)
+    from_kwargs = calibration.calibrate_diffusers_unet(unet, [expert], [hidden], added_cond_kwargs_list=[added], **common)
+    other_time = {**added, "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}
+    shifted = calibration.calibrate_diffusers_unet(unet, [expert], [hidden], added_cond_kwargs_list=[other_time], **common)
+    name = next(iter(expert.modules))
+    assert torch.equal(from_embeddings.experts["a"][name].row_activation, from_kwargs.experts["a"][name].row_activation)
+    assert not torch.equal(from_kwargs.experts["a"][name].row_activation, shifted.experts["a"][name].row_activation)

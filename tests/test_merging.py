@@ -133,8 +133,13 @@ def test_statistics_round_trip_and_refuse_other_experts(tmp_path):
 
 def test_baselines_run_and_dare_is_reproducible():
     experts = [make_expert("a", 0), make_expert("b", 1), make_expert("c", 2)]
-    ties = merging.merge_ties(experts, [1, 1, 1], density=0.5)
+    ties = merging.merge_ties(experts, [1, 2, 1], density=0.5)
     assert set(ties.diffs) == set(MODULES)
+    from peft.utils import merge_utils
+
+    for m in MODULES:  # the result is peft's TIES on the experts' ΔW, not a rewrite
+        expected = merge_utils.ties([e.delta_weight(m) for e in experts], torch.tensor([1.0, 2.0, 1.0]), 0.5, "total")
+        assert torch.equal(ties.diffs[m], expected)
     d1 = merging.merge_dare(experts, [1, 1, 1], density=0.5, seed=3)
     d2 = merging.merge_dare(experts, [1, 1, 1], density=0.5, seed=3)
     d3 = merging.merge_dare(experts, [1, 1, 1], density=0.5, seed=4)
