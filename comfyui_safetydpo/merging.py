@@ -270,9 +270,9 @@ def co_merge(
             # at a time besides the result, instead of a stack of all of them.
             best = merged = winner = None
             for index, ((expert, weight), input_sq) in enumerate(zip(competitors, inputs)):
-                delta = expert.delta_weight(module_name)
+                delta = expert.delta_weight(module_name)  # may be the expert's own diff tensor: no in-place
                 shape = delta.shape
-                delta = delta.reshape(shape[0], -1).mul_(weight)
+                delta = delta.reshape(shape[0], -1) * weight
                 input_scale = input_sq.clamp_min(0).sqrt()
                 if delta.shape[1] != input_scale.shape[0]:  # conv: E x² per input channel, repeated per tap
                     input_scale = input_scale.repeat_interleave(delta.shape[1] // input_scale.shape[0])

@@ -306,10 +306,16 @@ def test_modules_in_only_some_experts_and_results_with_diffs_merge_again():
     stats2.experts["ab"] = {m: ModuleStatistics(element_acts[m], torch.ones(element.delta_weight(m).shape[1]), 4)
                             for m in element.module_names}
     stats2.fingerprints["ab"] = expert_fingerprint(element)
+    kept = {m: t.clone() for m, t in element.diffs.items()}
     again = merging.co_merge([element, c], [1, 1], stats2)
     m = "unet.a.to_q"
     top = element.delta_weight(m)[:6]
     assert torch.equal(again.diffs[m][:6], top) and torch.allclose(again.diffs[m][6:], c.delta_weight(m)[6:])
+    for method in ("element", "row"):  # merging never changes its inputs
+        merging.co_merge([element, c], [0.5, 1], stats2, granularity=method)
+        merging.merge_ties([element, c], [0.5, 1])
+        merging.merge_dare([element, c], [0.5, 1])
+        assert all(torch.equal(element.diffs[k], kept[k]) for k in kept)
 
 
 def test_reported_svd_error_is_the_real_relative_error():

@@ -73,7 +73,6 @@ def read_prompts(path) -> list:
 
 def load_diffusers_bundle(folder, device: str = "cpu"):
     """A ``DiffusionBundle`` from a local diffusers pipeline folder (unet/, text_encoder/, tokenizer/ ...)."""
-    import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
