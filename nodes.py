@@ -75,10 +75,8 @@ def register_model_folders() -> None:
     if default not in paths:
         paths.insert(0, default)
     folder_paths.folder_names_and_paths[EXPERTS_FOLDER] = (paths, {".safetensors"})
-    try:
-        os.makedirs(default, exist_ok=True)
-    except OSError as error:  # a read-only install still works with extra paths
-        log.warning("safetydpo: could not create %s (%s)", default, error)
+    # The folder is not created here: importing the pack must not write into a ComfyUI install
+    # (it may be read-only or shared); the nodes that save experts create it when they write.
 
 
 if folder_paths is not None:

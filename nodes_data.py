@@ -116,7 +116,7 @@ class BuildSafetyPairs:
                 "categories": ("STRING", {"default": "", "tooltip": "Comma-separated categories to keep (empty: all)."}),
                 "limit": ("INT", {"default": 0, "min": 0, "max": 1000000, "tooltip": "Keep only the first N prompt pairs (0: all)."}),
                 "images_per_prompt": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Seeds per prompt pair; each seed gives one pair (unsafe and safe image with the same seed)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0x7FFFFFFF, "tooltip": "Base seed; every pair's seeds derive from it and from its prompts."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0x7FFFFFFF, "control_after_generate": False, "tooltip": "Base seed; every pair's seeds derive from it and from its prompts."}),
                 "steps": ("INT", {"default": 25, "min": 1, "max": 1000, "tooltip": "Sampling steps per image."}),
                 "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Classifier-free guidance scale."}),
                 "sampler_name": (comfy.samplers.KSampler.SAMPLERS if folder_paths is not None else ["euler"], {"tooltip": "Sampler, as in KSampler."}),

@@ -30,7 +30,7 @@ from typing import Dict, Optional
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PLUGIN_DIR_NAME = "safetydpo"
 MODEL_CACHE = REPO_ROOT / ".cache" / "comfyui_test_models"
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 
 SD15_CHECKPOINT_NAME = "safetydpo_test_sd15.safetensors"
 SDXL_UNET_NAME = "safetydpo_test_sdxl_unet.safetensors"
@@ -83,7 +83,9 @@ def _randomise(module, seed: int) -> None:
     with torch.no_grad():
         for name, parameter in sorted(module.named_parameters()):
             if parameter.dim() <= 1:
-                if name.endswith("weight") and ("norm" in name or "ln" in name):
+                # 1-d weights are norm scales (GroupNorm in_layers.0 / out_layers.0 / out.0 included):
+                # at 0 the UNet would predict 0 everywhere and no LoRA could reach an image.
+                if name.endswith("weight"):
                     parameter.fill_(1.0)
                 else:
                     parameter.zero_()

@@ -24,11 +24,13 @@ def test_build_safety_pairs_workflow_writes_a_loadable_dataset(comfyui_server):
     pair = dataset.pairs[0]
     rejected, preferred = (load_image_array(dataset.image_path(p)) for p in (pair.rejected_image, pair.preferred_image))
     assert rejected.shape == (3, 64, 64) and rejected.std() > 0, "a flat image means sampling did not run"
-    # The test checkpoint's images do not depend on the text (measured: identical for two prompts at one
-    # seed), so both images of a pair are identical exactly when the builder used one seed for both.
-    assert np.array_equal(rejected, preferred), "the unsafe and the safe image of a pair used different seeds"
     other = load_image_array(dataset.image_path(dataset.pairs[1].rejected_image))
-    assert not np.array_equal(rejected, other), "two pairs got the same seed"
+    # Same seed, different prompts: the two images of a pair differ (the prompt matters) but stay far
+    # closer to each other than to an image of another pair (another seed, another starting noise).
+    assert not np.array_equal(rejected, preferred), "the safe prompt had no effect"
+    assert np.abs(rejected - preferred).mean() < 0.8 * np.abs(rejected - other).mean(), \
+        "the unsafe and the safe image of a pair used different seeds"
+    assert pair.seed != dataset.pairs[1].seed, "two pairs got the same seed"
     assert len(comfyui_server.output_images(outputs, "3")) == 4  # preview: rejected + preferred of each pair
     assert "2 prompt pairs rendered now" in outputs["2"]["text"][0]
 
