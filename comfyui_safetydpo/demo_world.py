@@ -34,7 +34,7 @@ from .models import DiffusionBundle
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 16
-WORLD_VERSION = "1"
+WORLD_VERSION = "2"
 
 SAFE_COLOURS = {"blue": (0.10, 0.30, 0.90), "green": (0.10, 0.70, 0.20), "yellow": (0.95, 0.85, 0.10)}
 BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5)}
@@ -277,9 +277,12 @@ def build_bundle(world: DemoWorld, settings: WorldModelSettings) -> DiffusionBun
         vocab_size=len(tokenizer), hidden_size=w, intermediate_size=2 * w, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=MAX_PROMPT_TOKENS, bos_token_id=0, eos_token_id=0,
         pad_token_id=0))
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+    # v-prediction: with ε-prediction the flat colours of this world came out shifted, because x0 = (x_t -
+    # σ ε) / α amplifies small errors at high noise, where the global colour is decided.
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                              prediction_type="v_prediction")
     return DiffusionBundle(unet=unet, text_encoders=[text_encoder], tokenizers=[tokenizer],
-                           noise_scheduler=scheduler, vae=None, architecture="demo", prediction_type="epsilon",
+                           noise_scheduler=scheduler, vae=None, architecture="demo", prediction_type="v_prediction",
                            resolution=IMAGE_SIZE, name="safetydpo-demo-world")
 
 
@@ -318,7 +321,7 @@ def train_world_model(world: DemoWorld, settings: WorldModelSettings, progress=N
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(images),), generator=generator)
         noisy = scheduler.add_noise(images, noise, t)
         prediction = unet(noisy, t, encoder_hidden_states=text_encoder(tokens)[0]).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
+        loss = torch.nn.functional.mse_loss(prediction, bundle.training_target(images, noise, t))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
