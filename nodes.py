@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -255,6 +256,9 @@ def apply_experts(model, clip, chain: Sequence[ExpertChoice], strength: float):
 
     Every expert is checked before any patch is added, so nothing half-patched leaves this function.
     """
+    if not math.isfinite(strength):
+        raise MergeError(f"strength must be a finite number, got {strength!r}; use a value between -10 and 10 "
+                         "(1 = as trained, 0 = off)")
     chain = _check_chain(chain)
     active = [c for c in chain if c.weight != 0]
     if not active:

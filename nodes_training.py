@@ -240,8 +240,15 @@ class TrainSafetyExpertDPO:
         denoiser = denoiser_for_ldm_unet(unet, 1.0 / (1.0 + sigmas ** 2), kind, layout, architecture)
         progress_bar = comfy.utils.ProgressBar(steps)
 
+        interrupted = []
+
         def progress(step, total, metrics):
-            progress_bar.update_absolute(step, total)
+            # ComfyUI's progress hook raises on Cancel (and clears the flag): remember it, so that
+            # should_stop() answers before the next step and the trainer writes its checkpoint.
+            try:
+                progress_bar.update_absolute(step, total)
+            except comfy.model_management.InterruptProcessingException:
+                interrupted.append(step)
             text = (f"step {step}/{total}  loss {metrics.get('loss', float('nan')):.4f}  "
                     f"accuracy {metrics.get('implicit_accuracy', float('nan')):.2f}")
             _send_text(text, unique_id)
@@ -249,6 +256,8 @@ class TrainSafetyExpertDPO:
                 log.info("Train Safety Expert %s: %s", name, text)
 
         def should_stop():
+            if interrupted:
+                return True
             try:
                 comfy.model_management.throw_exception_if_processing_interrupted()
             except comfy.model_management.InterruptProcessingException:

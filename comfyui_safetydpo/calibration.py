@@ -106,6 +106,7 @@ class CalibrationStatistics:
 
     def save(self, path) -> Path:
         """Atomic safetensors file: tensors per expert/module, names and fingerprints in metadata."""
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -130,8 +131,9 @@ class CalibrationStatistics:
         try:
             save_file(tensors, temp, metadata=metadata)
             os.replace(temp, path)
-        except OSError as error:
-            raise MergeError(f"{path}: could not write the statistics ({error.strerror or error})") from None
+        except (OSError, SafetensorError) as error:
+            raise MergeError(f"{path}: could not write the statistics ({getattr(error, 'strerror', None) or error}); "
+                             "free disk space or choose another folder") from None
         finally:
             Path(temp).unlink(missing_ok=True)
         return path

@@ -282,6 +282,9 @@ def expert_from_state_dict(
             if not torch.isfinite(tensor).all():
                 raise LoraFormatError(f"{source}: {where} has NaN/Inf values in its {label} matrix")
         rank = down.shape[0]
+        if rank == 0:
+            raise LoraFormatError(f"{source}: {where} has rank 0 (empty LoRA matrices); "
+                                  "remove the module or re-export the file")
         if module in alphas:
             alpha = alphas[module]
         elif module in peft_modules:
@@ -329,17 +332,33 @@ class _PeftAlpha:
                 packed = json.loads(raw)
             except json.JSONDecodeError as error:
                 raise LoraFormatError(f"{source}: metadata {LORA_ADAPTER_METADATA_KEY!r} is not JSON ({error})") from None
+            if not isinstance(packed, dict):
+                raise LoraFormatError(f"{source}: metadata {LORA_ADAPTER_METADATA_KEY!r} must be a JSON object "
+                                      f"(a peft LoraConfig), not {type(packed).__name__}")
             for key, value in packed.items():
                 part, dot, field = key.partition(".")
                 if dot and part in _PARTS:  # diffusers pipelines: "unet.lora_alpha", "text_encoder.r" …
                     self.configs.setdefault(part, {})[field] = value
                 else:  # model-level save_lora_adapter: unprefixed LoraConfig
                     self.configs.setdefault("*", {})[key] = value
+        if adapter_config is not None and not isinstance(adapter_config, dict):
+            raise LoraFormatError(f"{source}: adapter_config.json must hold a JSON object (a peft LoraConfig)")
         if adapter_config is not None and "*" not in self.configs:
             self.configs["*"] = adapter_config
         self.warned = False
 
     def __call__(self, module: str, rank: int) -> float:
+        try:
+            return self._alpha(module, rank)
+        except (TypeError, ValueError, AttributeError) as error:
+            raise LoraFormatError(
+                f"{self.source}: the PEFT config (adapter_config.json / {LORA_ADAPTER_METADATA_KEY}) has a value "
+                f"of the wrong type for module {module!r} ({error}); r, lora_alpha and the patterns must be "
+                "numbers and mappings as peft writes them") from None
+
+    def _alpha(self, module: str, rank: int) -> float:
+        if not isinstance(self.configs, dict) or not all(isinstance(c, dict) for c in self.configs.values()):
+            raise TypeError("the config is not a JSON object")
         part, _, path = module.partition(".")
         config = self.configs.get(part) or self.configs.get("*")
         if not config:
@@ -523,6 +542,7 @@ def save_expert(expert: SafetyExpert, path, key_format: str = "kohya",
     ``layout`` matters for ``native`` keys of a UNet that is not a preset; it is recorded in the
     metadata so that the file reads back without it.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -533,9 +553,9 @@ def save_expert(expert: SafetyExpert, path, key_format: str = "kohya",
     try:
         save_file(tensors, temp, metadata=metadata)
         os.replace(temp, path)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:
         Path(temp).unlink(missing_ok=True)
-        raise LoraFormatError(f"{path}: could not write the expert ({error.strerror or error}); "
+        raise LoraFormatError(f"{path}: could not write the expert ({getattr(error, 'strerror', None) or error}); "
                               "free disk space or choose another folder") from None
     except BaseException:
         Path(temp).unlink(missing_ok=True)

@@ -89,7 +89,7 @@ def normalise_category(name: str, extra_categories: Iterable[str] = (), where: s
 
 def check_on_error(on_error: str) -> str:
     if on_error not in ON_ERROR_CHOICES:
-        raise ValueError(f"on_error must be one of {ON_ERROR_CHOICES}, not {on_error!r}")
+        raise DatasetError(f"on_error must be one of {ON_ERROR_CHOICES}, not {on_error!r}")
     return on_error
 
 

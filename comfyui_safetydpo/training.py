@@ -227,9 +227,22 @@ def save_checkpoint(folder: Path, module, optimizer, scheduler, state: Dict, gen
     """Write a checkpoint atomically: a temp folder renamed into place, then the ``latest`` pointer."""
     from safetensors.torch import save_file
 
+    from safetensors import SafetensorError
+
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".step_*"):  # temp folders of a run killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     step = state["step"]
     final = folder / f"step_{step:07d}"
+    try:
+        return _write_checkpoint(folder, final, step, module, optimizer, scheduler, state, generator, keep, save_file)
+    except (OSError, SafetensorError) as error:
+        raise TrainingError(
+            f"{folder}: could not write the checkpoint of step {step} ({getattr(error, 'strerror', None) or error}); "
+            "free disk space (or choose another output folder) and resume: the previous checkpoint is intact") from None
+
+
+def _write_checkpoint(folder, final, step, module, optimizer, scheduler, state, generator, keep, save_file) -> Path:
     temp = Path(tempfile.mkdtemp(prefix=f".step_{step:07d}.", dir=folder))
     try:
         lora = {n: p.detach().cpu().contiguous() for n, p in lora_parameters(module).items()}
@@ -287,13 +300,19 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, generator: torch.G
 
     lora, _ = read_safetensors(path / "lora.safetensors")
     params = lora_parameters(module)
-    if set(lora) != set(params):
+    if set(lora) != set(params) or any(lora[n].shape != params[n].shape for n in lora):
         raise TrainingError(f"{path}: the checkpoint's LoRA does not match this run's settings "
                             "(rank, targets or model changed); start a new output folder or use the same settings")
     with torch.no_grad():
         for name, tensor in lora.items():
             params[name].copy_(tensor)
-    state = json.loads((path / "state.json").read_text())
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("no step recorded")
+    except (OSError, ValueError) as error:
+        raise TrainingError(f"{path / 'state.json'}: damaged checkpoint state ({error}); delete the folder "
+                            f"{path.name} to resume from the one before, or start a new output folder") from None
     if (path / "optimizer.safetensors").is_file():
         optimizer_tensors, _ = read_safetensors(path / "optimizer.safetensors")
     else:
@@ -394,6 +413,8 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
         metrics_file = Path(output_dir) / "metrics.csv"
         if not resume and metrics_file.exists():
             metrics_file.unlink()
+        elif resume and metrics_file.exists():
+            _truncate_metrics(metrics_file, step)  # steps after the checkpoint are replayed: no duplicate rows
         board = _tensorboard_writer(Path(output_dir) / "tensorboard")
 
     def checkpoint():
@@ -551,6 +572,22 @@ def _tensorboard_writer(folder: Path):
     except ImportError:
         return None
     return SummaryWriter(str(folder))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the rows of steps up to ``step`` (atomic rewrite)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+        fields = rows[0].keys() if rows else []
+    kept = [r for r in rows if r.get("step") and float(r["step"]) <= step]
+    if len(kept) == len(rows):
+        return
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(temp, path)
 
 
 def _append_metrics(path: Path, metrics: Dict[str, float]) -> None:

@@ -2,8 +2,7 @@
 file, key, module or row and says what to do (docs/hardening.md lists them as a table).
 
 Library cases run everywhere; the few node cases (paths from the UI, strength) need ``COMFYUI_PATH``
-and skip without it. Cases where the pack does not yet answer clearly are ``xfail(strict=True)``
-with the exact problem, so that CI stays green and turns red the day a fix lands (then drop the mark).
+and skip without it. Every case answers with our own error type naming the file, key or row.
 """
 
 from __future__ import annotations
@@ -254,9 +253,6 @@ def test_kohya_file_for_a_bigger_unet_names_the_key(tmp_path):
     clear(caught, "bigger.safetensors", name)
 
 
-@pytest.mark.xfail(strict=True, reason="lora_files.expert_from_state_dict accepts a rank-0 LoRA (down [0, in]); "
-                   "LoraModule.scale then divides by zero (ZeroDivisionError) instead of a LoraFormatError "
-                   "naming the key at load time")
 def test_rank_zero_lora_is_refused_at_load(tmp_path):
     path = tmp_path / "rank0.safetensors"
     save_file({f"{KOHYA_Q}.lora_down.weight": torch.zeros(0, 8), f"{KOHYA_Q}.lora_up.weight": torch.zeros(8, 0),
@@ -416,8 +412,6 @@ def test_full_disk_while_saving_an_expert_keeps_the_old_file(full_disk):
 
 
 def test_full_disk_while_saving_an_expert_says_free_disk_space(full_disk, request):
-    if full_disk[2] != "oserror":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=FULL_DISK_RAW_ERROR))
     *_, caught = _save_expert_on_full_disk(full_disk)
     clear(caught, "expert.safetensors", "free disk space")
 
@@ -442,8 +436,6 @@ def test_full_disk_while_saving_statistics_keeps_the_old_file(full_disk):
 
 
 def test_full_disk_while_saving_statistics_says_so(full_disk, request):
-    if full_disk[2] != "oserror":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=FULL_DISK_RAW_ERROR))
     *_, caught = _save_statistics_on_full_disk(full_disk)
     clear(caught, "stats.safetensors", "could not write")
 
@@ -493,8 +485,6 @@ def test_full_disk_while_saving_a_training_checkpoint_keeps_the_last_one(full_di
     assert not [p.name for p in checkpoints.iterdir() if p.name.startswith(".")], "a half-written temp folder remains"
 
 
-@pytest.mark.xfail(strict=True, reason="training.save_checkpoint lets the raw OSError/SafetensorError of a full "
-                   "disk escape (no TrainingError naming the checkpoint folder and saying to free disk space)")
 def test_full_disk_while_saving_a_training_checkpoint_says_so(full_disk):
     _, caught = _checkpoint_on_full_disk(full_disk)
     clear(caught, "checkpoint", "disk space")
@@ -576,8 +566,6 @@ def test_empty_selection_is_refused(tmp_path):
     clear(caught, "no usable preference pairs", "Sexual", "categories present")
 
 
-@pytest.mark.xfail(strict=True, reason="pairs.check_on_error raises a plain ValueError for a bad on_error "
-                   "value (also reached from the CLI), not a DatasetError")
 def test_bad_on_error_choice_is_our_error(tmp_path):
     _dataset(tmp_path)
     with pytest.raises(DatasetError):
@@ -628,8 +616,6 @@ def test_corrupt_checkpoint_on_resume_names_the_file(tmp_path):
     clear(caught, "lora.safetensors", latest.name)
 
 
-@pytest.mark.xfail(strict=True, reason="training.load_checkpoint reads state.json with json.loads unguarded: a "
-                   "damaged state.json raises json.JSONDecodeError, not a TrainingError naming the checkpoint")
 def test_damaged_checkpoint_state_on_resume_names_the_file(tmp_path):
     run = _short_run(tmp_path)
     run()
@@ -648,9 +634,6 @@ def test_resume_with_other_targets_is_refused(tmp_path):
     clear(caught, "does not match this run's settings", "start a new output folder")
 
 
-@pytest.mark.xfail(strict=True, reason="training.load_checkpoint compares only LoRA parameter names: resuming with "
-                   "another rank raises RuntimeError from Tensor.copy_ (size mismatch) instead of the TrainingError "
-                   "it raises for other targets")
 def test_resume_with_another_rank_is_refused(tmp_path):
     run = _short_run(tmp_path)
     run()
@@ -815,9 +798,6 @@ def test_negative_weight_in_the_load_node_is_refused(nodes):
     clear(caught, "w.safetensors", "must be ≥ 0")
 
 
-@pytest.mark.xfail(strict=True, reason="nodes.apply_experts accepts a NaN/Inf strength (ComfyUI's min/max widget "
-                   "check lets NaN through: NaN < min is False) and returns a model patched with NaN; it should "
-                   "raise a MergeError naming the strength")
 @pytest.mark.parametrize("strength", [float("nan"), float("inf")])
 def test_non_finite_strength_is_refused(nodes, comfy_inprocess, sd15_checkpoint, strength):
     modules, _ = nodes

@@ -129,12 +129,6 @@ def test_cancel_during_training_stops_within_one_step(cancelled_training):
           f"({run['seconds']:.1f} s until the prompt ended)")
 
 
-@pytest.mark.xfail(strict=True, reason="nodes_training: in the real server ComfyUI's progress hook (main.py hook -> "
-                   "throw_exception_if_processing_interrupted) raises InterruptProcessingException inside "
-                   "progress_bar.update_absolute, i.e. inside train_lora's progress callback, so the exception "
-                   "leaves train_lora before should_stop() is asked: Cancel writes no checkpoint and every step "
-                   "since the last periodic checkpoint is lost. Fix: catch the interrupt in progress() and let "
-                   "should_stop() report it")
 def test_cancel_during_training_keeps_a_loadable_checkpoint_that_resumes(server, cancelled_training):
     from comfyui_safetydpo.training import latest_checkpoint
 

@@ -296,11 +296,7 @@ def test_reader_raises_only_our_errors_on_random_state_dicts(state, meta, archit
         read_or_our_error(lambda: check_accepted(expert))
 
 
-@pytest.mark.xfail(strict=True, reason="lora_files._PeftAlpha trusts the types in adapter_config.json / "
-                   "lora_adapter_metadata: r = '' or {}, lora_alpha = '' or {}, alpha_pattern = 1, a JSON list or "
-                   "number as the metadata raise ValueError/TypeError/AttributeError instead of a LoraFormatError "
-                   "naming the config; a rank-0 LoRA gives ZeroDivisionError in LoraModule.scale")
-@examples(60, shrink=False)  # known to fail (xfail): no time spent shrinking
+@examples(60)
 @given(lora_state(min_rank=0), metadata(malformed_configs), st.sampled_from([None, "sd15"]),
        st.one_of(st.none(), malformed_configs.filter(lambda c: isinstance(c, dict))))
 def test_reader_raises_only_our_errors_on_damaged_peft_configs(state, meta, architecture, adapter_config):
