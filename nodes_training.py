@@ -272,7 +272,8 @@ class TrainSafetyExpertDPO:
             was_training = unet.training
             try:
                 result = train_lora(denoiser, data, config, output_dir=run_dir, resume=resume, progress=progress,
-                                    should_stop=should_stop)
+                                    should_stop=should_stop,
+                                    interrupt_exceptions=(comfy.model_management.InterruptProcessingException,))
             except TrainingCancelled as error:
                 log.info("Train Safety Expert %s: %s", name, error)
                 # let ComfyUI show the run as interrupted; the checkpoint was kept

@@ -363,8 +363,14 @@ def train_lora(
     progress: Optional[Callable[[int, int, Dict[str, float]], None]] = None,
     should_stop: Optional[Callable[[], bool]] = None,
     keep_lora: bool = False,
+    interrupt_exceptions: tuple = (),
 ) -> TrainingResult:
-    """Train a LoRA on ``denoiser.module`` with the configured objective; returns the expert."""
+    """Train a LoRA on ``denoiser.module`` with the configured objective; returns the expert.
+
+    ``interrupt_exceptions``: exception types a host raises from inside the model to cancel (ComfyUI's
+    ops check for Cancel on every layer); the step in progress is dropped, the last completed step is
+    checkpointed and ``TrainingCancelled`` is raised.
+    """
     config.validate()
     if len(data) == 0:
         raise DatasetError("no preference pairs to train on: build pairs first (Build Safety Pairs / trainer/build_pairs.py)")
@@ -375,13 +381,15 @@ def train_lora(
     started = time.time()
     inject_lora(module, config)
     try:
-        return _train(denoiser, data, config, output_dir, resume, progress, should_stop, device, started)
+        return _train(denoiser, data, config, output_dir, resume, progress, should_stop, device, started,
+                      interrupt_exceptions)
     finally:
         if not keep_lora:
             remove_lora(module)
 
 
-def _train(denoiser, data, config, output_dir, resume, progress, should_stop, device, started):
+def _train(denoiser, data, config, output_dir, resume, progress, should_stop, device, started,
+           interrupt_exceptions=()):
     module = denoiser.module
     if config.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
         module.enable_gradient_checkpointing()
@@ -434,6 +442,7 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
         optimizer.zero_grad(set_to_none=True)
         step_metrics: Dict[str, float] = {}
         finite = True
+        step_start = (epoch, position, generator.get_state(), torch.get_rng_state())
         try:
             for _ in range(config.gradient_accumulation):
                 batch = min(config.batch_size, count)
@@ -448,6 +457,15 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
                 (loss / config.gradient_accumulation).backward()
                 for key, value in metrics.items():
                     step_metrics[key] = step_metrics.get(key, 0.0) + value / config.gradient_accumulation
+        except interrupt_exceptions as error:
+            # Cancelled inside the step: drop it, so the checkpoint is exactly the last completed step.
+            optimizer.zero_grad(set_to_none=True)
+            epoch, position = step_start[0], step_start[1]
+            generator.set_state(step_start[2])
+            torch.set_rng_state(step_start[3])
+            checkpoint()
+            raise TrainingCancelled(f"training cancelled during step {step + 1}; the checkpoint of step {step} "
+                                    "was kept" + (f" in {checkpoints}" if checkpoints else "")) from error
         except torch.OutOfMemoryError:
             raise TrainingError(
                 f"out of memory at batch size {config.batch_size}: lower batch_size (use gradient_accumulation "
