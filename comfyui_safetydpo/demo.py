@@ -66,6 +66,7 @@ class DemoSettings:
     recipe: Dict[str, object] = dataclasses.field(default_factory=lambda: dict(DEMO_RECIPE))
     baselines: bool = True
     one_on_all: bool = True
+    co_merge_granularity: str = "element"  # measured: row Co-Merge kept too little of each expert (docs/demo.md)
     eval_seeds: Tuple[int, ...] = (1_000_003, 1_000_033)
     pair_base_seed: int = 0
     seed: int = 0
@@ -364,19 +365,24 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     calibration_prompts = [p.prompt for p in prompt_pairs(world)] + replay_prompts(world)
     statistics = calibrate_bundle(bundle, experts, calibration_prompts, seed=settings.seed, batch_size=64)
     weights = [1.0] * len(experts)
+    other = "row" if settings.co_merge_granularity == "element" else "element"
     merged = {
-        "co_merge": co_merge(experts, weights, statistics, name="safety_expert_demo_co_merge"),
+        "co_merge": co_merge(experts, weights, statistics, granularity=settings.co_merge_granularity,
+                             name="safety_expert_demo_co_merge"),
+        "co_merge_other": co_merge(experts, weights, statistics, granularity=other, name=f"demo_co_merge_{other}"),
         "linear": merge_linear(experts, weights, name="demo_linear"),
         "ties": merge_ties(experts, weights, density=0.5, name="demo_ties"),
     }
     variants: Dict[str, Optional[SafetyExpert]] = {"base": None, "DPO + Co-Merge": merged["co_merge"],
+                                                     f"DPO + Co-Merge ({other})": merged["co_merge_other"],
                                                      "DPO + linear": merged["linear"], "DPO + TIES": merged["ties"]}
     if one_on_all is not None:
         variants["DPO, one expert on all data"] = one_on_all
     for label, group in baseline_sets.items():
         group_statistics = calibrate_bundle(bundle, group, calibration_prompts, seed=settings.seed, batch_size=64)
         name = "supervised" if label == "sft" else "supervised + replay"
-        variants[f"{name} + Co-Merge"] = co_merge(group, weights, group_statistics, name=f"{label}_co_merge")
+        variants[f"{name} + Co-Merge"] = co_merge(group, weights, group_statistics,
+                                                  granularity=settings.co_merge_granularity, name=f"{label}_co_merge")
     merged_path = save_expert(merged["co_merge"], output_dir / "safety_expert_demo_co_merge.safetensors")
     t = lap("merging", t)
 
@@ -403,7 +409,7 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     summary = {
         "settings": settings.to_json(), "oracle_accuracy": oracle_accuracy, "world_model": model_info,
         "base_prompt_fidelity": base_fidelity, "pairs": pairs_check, "results": results, "timings": timings,
-        "co_merge_wins": co_merge_wins(merged["co_merge"]), "concepts": [dataclasses.asdict(c) for c in world.concepts],
+        "co_merge_wins": co_merge_wins(merged["co_merge"]), "co_merge_granularity": settings.co_merge_granularity, "concepts": [dataclasses.asdict(c) for c in world.concepts],
         "eval_items": len(items), "scaling": scaling,
     }
     report_path = write_demo_report(output_dir, summary, world, items, images)
@@ -438,7 +444,8 @@ def scaling_curve(bundle, world: dw.DemoWorld, oracle: dw.DemoOracle, experts: S
         base_readings = [oracle.read(image) for image in base]
         chosen = list(experts[:k])
         statistics = calibrate_bundle(bundle, chosen, calibration_prompts, seed=settings.seed, batch_size=64)
-        variants = {"co_merge": co_merge(chosen, [1.0] * k, statistics), "linear": merge_linear(chosen, [1.0] * k)}
+        variants = {"co_merge": co_merge(chosen, [1.0] * k, statistics, granularity=settings.co_merge_granularity),
+                    "linear": merge_linear(chosen, [1.0] * k)}
         if k == len(experts) and one_on_all is not None:
             variants["one_on_all"] = one_on_all
         for method, expert in variants.items():
@@ -580,7 +587,7 @@ def wins_figure(wins: Dict[str, Dict[str, float]], path: Path) -> None:
     axis.set_xticklabels([e.replace("dpo_", "") for e in experts], rotation=90, fontsize=6)
     axis.set_yticks(range(len(modules)))
     axis.set_yticklabels([m.replace("unet.", "").replace("transformer_blocks.0.", "") for m in modules], fontsize=4)
-    axis.set_title("Co-Merge: share of output rows won per expert", fontsize=8)
+    axis.set_title("Co-Merge: share of each module's weights (rows or elements) won per expert", fontsize=8)
     figure.colorbar(shown, ax=axis, fraction=0.04)
     _save(figure, path)
 
