@@ -365,6 +365,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as stream:
             stream.write(data)
+        os.chmod(temp, 0o644)  # mkstemp makes 0600: reports and manifests are meant to be read
         os.replace(temp, path)
     finally:
         Path(temp).unlink(missing_ok=True)
