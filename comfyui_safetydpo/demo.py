@@ -305,10 +305,12 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     started = time.time()
     settings = settings or DemoSettings()
     output_dir, cache_dir = Path(output_dir), Path(cache_dir)
-    if fresh and cache_dir.exists():
+    if fresh and cache_dir.exists():  # only what the demo itself writes there, never other files
         import shutil
 
-        shutil.rmtree(cache_dir)
+        for entry in cache_dir.iterdir():
+            if entry.is_dir() and entry.name.startswith(("world_model_", "pairs_", "experts_")):
+                shutil.rmtree(entry)
     output_dir.mkdir(parents=True, exist_ok=True)
     timings: Dict[str, float] = {}
     torch.manual_seed(settings.seed)
