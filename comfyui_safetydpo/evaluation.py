@@ -686,7 +686,7 @@ INCEPTION_HELP = (
 CLIP_ENV = "SAFETYDPO_CLIP_DIR"
 CLIP_HELP = (
     "needs local CLIP weights: a folder with config.json, model.safetensors, the tokenizer files and "
-    "preprocessor_config.json, e.g. a copy of https://huggingface.co/openai/clip-vit-large-patch14 "
+    "preprocessor_config.json, e.g. a copy of the Hugging Face repository openai/clip-vit-large-patch14 "
     "(download it elsewhere: `huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR`). "
     "Pass the folder (clip_dir=... / --clip-dir) or set {env}. Nothing is downloaded at run time."
 )
