@@ -122,3 +122,29 @@ def test_extract_node_output_on_another_finetune_matches_the_original_lora(extra
     print(f"extraction in ComfyUI: worst module ΔW error {max(errors.values()):.2e}; latents max |extracted − "
           f"original LoRA| {gap:.2e}, LoRA effect max |original − fine-tune| {effect:.3g}")
     assert gap <= 1e-3 * effect, f"extracted expert and original LoRA differ by {gap} (LoRA effect {effect})"
+
+
+def test_save_a_safe_checkpoint_bakes_the_expert_in_and_extracts_back(extraction_models):
+    """The "Save a safe checkpoint" chain: Load Checkpoint → Load Safety Expert → Apply → ComfyUI's CheckpointSave."""
+    server, base, _, deltas = extraction_models
+    lora_files.save_expert(random_expert(attention_modules(base), "known", "sd15", 21, rank=RANK),
+                           server.base_dir / "models" / "safety_experts" / "known_for_checkpoint.safetensors")
+    graph = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": LIVE_CHECKPOINT}},
+        "2": {"class_type": "SafetyDPOLoadExpert", "inputs": {
+            "expert_name": "safety_experts/known_for_checkpoint.safetensors", "weight": 1.0}},
+        "3": {"class_type": "SafetyDPOApplyExperts", "inputs": {"model": ["1", 0], "experts": ["2", 0],
+                                                                "strength": 1.0, "clip": ["1", 1]}},
+        "4": {"class_type": "CheckpointSave", "inputs": {"model": ["3", 0], "clip": ["3", 1], "vae": ["1", 2],
+                                                         "filename_prefix": "checkpoints/safetydpo_safe_test"}},
+    }
+    server.run_workflow(graph, timeout=400)
+    saved = sorted((server.base_dir / "output" / "checkpoints").glob("safetydpo_safe_test_*.safetensors"))
+    assert len(saved) == 1
+    expert, report = extraction.extract_expert(extraction.weights_from_path(saved[0]),
+                                               extraction.weights_from_path(base), rank=RANK)
+    errors = {m: float((expert.delta_weight(m) - d).norm() / d.norm()) for m, d in deltas.items()}
+    print(f"saved safe checkpoint: worst module ΔW error {max(errors.values()):.2e}; "
+          f"unrequested differences {report.unrequested_groups}")
+    assert set(expert.modules) == set(deltas) and max(errors.values()) <= 1e-3, errors
+    assert not report.unrequested, "Apply + CheckpointSave changed weights outside the expert"
