@@ -157,7 +157,7 @@ class ExtractSafetyExpert:
             categories=extraction.parse_categories(categories), architecture=architecture, progress=step)
         text = report.summary()
         if save_path:
-            lora_files.save_expert(expert, save_path)
+            lora_files.save_expert(expert, save_path, uniform_alpha=True)
             text += f"\nsaved to {save_path}"
         source = f"extracted ({expert.name})" + (f" [{os.path.basename(save_path)}]" if save_path else "")
         chain = tuple(chain) + (expert_nodes.ExpertChoice(expert, weight, source),)

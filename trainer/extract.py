@@ -72,7 +72,8 @@ def main(argv=None) -> int:
         expert, report = extraction.extract_expert(
             safe, base, layers=args.layers, rank=args.rank, energy=args.energy, max_rank=args.max_rank,
             name=args.name or output.stem, categories=categories)
-        lora_files.save_expert(expert, output, key_format=args.format, dtype=getattr(torch, args.dtype))
+        lora_files.save_expert(expert, output, key_format=args.format, dtype=getattr(torch, args.dtype),
+                                uniform_alpha=True)
         if args.report:
             Path(args.report).write_text(json.dumps(json.loads(report.to_json()), indent=2))
     except SafetyDPOError as error:
