@@ -118,3 +118,13 @@ def test_peft_folder_export_loads_in_peft_and_reads_back_exactly(tmp_path):
         lora_files.save_peft_folder(expert, tmp_path / "te", part="text_encoder")
     with pytest.raises(LoraFormatError, match="no adapter_model.safetensors"):
         lora_files.load_expert(tmp_path)
+
+
+def test_uniform_alpha_keeps_every_delta():
+    unet = tiny_sd15_shaped_unet()
+    expert = expert_on(unet, tiny_text_encoder())
+    uniform = lora_files.with_uniform_alpha(expert)
+    assert len({m.alpha for m in expert.modules.values()}) == 3 and {m.alpha for m in uniform.modules.values()} == {8.0}
+    for name in expert.modules:
+        assert torch.allclose(uniform.delta_weight(name), expert.delta_weight(name), rtol=1e-6, atol=1e-8), name
+    assert lora_files.with_uniform_alpha(uniform) is uniform
