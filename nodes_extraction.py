@@ -62,7 +62,7 @@ def model_weights(model, label: str) -> extraction.ModelWeights:
 
         return read
 
-    names, layout = extraction._canonical_names(list(patches), label)
+    names, layout = extraction.canonical_parameter_names(list(patches), label)
     mapping = {name: getter(key) for name, key in names.items()}
     return extraction.ModelWeights(mapping, label, layout)
 
@@ -149,6 +149,10 @@ class ExtractSafetyExpert:
             comfy.model_management.throw_exception_if_processing_interrupted()
             progress.update_absolute(done, total)
 
+        if "text_encoder" in str(layers):
+            raise ArchitectureMismatchError(
+                "this node compares the two MODELs' UNets; text-encoder differences need the command line "
+                "(python trainer/extract.py --layers text_encoder) on the checkpoint files")
         exact = output == "exact diffs"
         expert, report = extraction.extract_expert(
             model_weights(safe_model, "safe_model"), model_weights(base_model, "base_model"), layers=layers,

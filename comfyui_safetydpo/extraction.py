@@ -24,6 +24,7 @@ UNet layers, biases, norms, the text encoder, the VAE) are counted and listed in
 dropped silently, so a user sees when the aligned model changed more than the expert carries.
 
 Public API: ``LAYER_PRESETS``, ``weights_from_path(path)``, ``weights_from_state_dict(state_dict)``,
+``canonical_parameter_names(keys)``, ``parse_categories(text)``,
 ``extract_expert(safe, base, layers=..., rank=..., energy=..., ...) -> (SafetyExpert, ExtractionReport)``,
 ``ExtractionReport`` (per-module and overall relative errors, ranks, unrequested differences).
 """
@@ -176,7 +177,7 @@ _UNET_LDM_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 _CLIP_L_PREFIXES = ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
 
 
-def _canonical_names(keys: Sequence[str], where: str) -> Tuple[Dict[str, str], str]:
+def canonical_parameter_names(keys: Sequence[str], where: str) -> Tuple[Dict[str, str], str]:
     """{canonical parameter name: file key} for a flat key list in any supported layout."""
     keys = list(keys)
     names: Dict[str, str] = {}
@@ -231,7 +232,7 @@ def _canonical_names(keys: Sequence[str], where: str) -> Tuple[Dict[str, str], s
 
 def weights_from_state_dict(state_dict: Dict[str, torch.Tensor], source: str = "state dict") -> ModelWeights:
     """Canonical weights of an in-memory state dict (LDM, ComfyUI or diffusers names)."""
-    names, layout = _canonical_names(list(state_dict), source)
+    names, layout = canonical_parameter_names(list(state_dict), source)
     return ModelWeights({name: (lambda key=key: state_dict[key]) for name, key in names.items()}, source, layout)
 
 
@@ -282,7 +283,7 @@ def weights_from_path(path) -> ModelWeights:
         for key in keys:
             name = key if part in (".", "unet") else f"{part}.{key}"
             flat[name] = (file, key)
-    names, layout = _canonical_names(list(flat), str(path))
+    names, layout = canonical_parameter_names(list(flat), str(path))
     handles: Dict[Path, object] = {}
 
     def getter(name: str) -> WeightGetter:

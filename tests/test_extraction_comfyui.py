@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from comfyui_safetydpo import extraction, lora_files, unet_keys
-from test_nodes_comfyui import attention_modules, live_checkpoint, random_expert, LIVE_CHECKPOINT
+from test_nodes_comfyui import (LIVE_CHECKPOINT, REPO_ROOT, attention_modules, live_checkpoint,  # noqa: F401
+                                nodes_in_process, random_expert, sd15_model)
 
 RANK = 4
 SAFE_UNET = "safetydpo_test_safe_unet.safetensors"
@@ -148,3 +149,59 @@ def test_save_a_safe_checkpoint_bakes_the_expert_in_and_extracts_back(extraction
           f"unrequested differences {report.unrequested_groups}")
     assert set(expert.modules) == set(deltas) and max(errors.values()) <= 1e-3, errors
     assert not report.unrequested, "Apply + CheckpointSave changed weights outside the expert"
+
+
+# -- in process: patched MODELs, energy and exact modes, bad input ------------------------------
+
+@pytest.fixture(scope="module")
+def extract_node(nodes_in_process):
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("safetydpo_extraction_nodes", REPO_ROOT / "nodes_extraction.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.ExtractSafetyExpert(), nodes_in_process
+
+
+def _extract(node, safe, base, **options):
+    arguments = dict(layers="attention", output="lora", rank=RANK, energy=0.99, max_rank=128, categories="Violence",
+                     name="x", weight=1.0, save_name="")
+    arguments.update(options)
+    return node.extract(safe, base, **arguments)["result"]
+
+
+def test_extract_node_computes_patched_models_and_chains(extract_node, sd15_model, comfy_inprocess, sd15_checkpoint):
+    node, (nodes, root) = extract_node
+    model, _ = sd15_model
+    known = random_expert(attention_modules(sd15_checkpoint), "known", "sd15", 31, rank=RANK)
+    tensors, _ = lora_files.expert_to_state_dict(known)
+    # A LoRA added by ComfyUI's own loader at strength 0.5: the MODEL carries patches, not new weights.
+    patched, _ = comfy_inprocess.sd.load_lora_for_models(model, None, tensors, 0.5, 0.0)
+    chain, text = _extract(node, patched, model, save_name="sub/from_patches", name="from_patches")
+    expert = chain[0].expert
+    for module, delta in known.delta_weights().items():
+        assert float((expert.delta_weight(module) - 0.5 * delta).norm() / (0.5 * delta).norm()) <= 1e-3, module
+    assert "saved to" in text and (root / "safety_experts" / "sub" / "from_patches.safetensors").is_file()
+    assert lora_files.load_expert(root / "safety_experts" / "sub" / "from_patches.safetensors").categories == ["Violence"]
+    # Chained after another expert, with its own weight; energy and exact modes.
+    longer, _ = _extract(node, patched, model, rank=0, energy=0.999, weight=0.5, name="by_energy", experts=chain)
+    assert [(c.expert.name, c.weight) for c in longer] == [("from_patches", 1.0), ("by_energy", 0.5)]
+    assert max(m.rank for m in longer[1].expert.modules.values()) <= RANK
+    exact, text = _extract(node, patched, model, output="exact diffs", name="exact")
+    assert exact[0].expert.diffs and not exact[0].expert.modules and "exact weight differences" in text
+
+
+def test_extract_node_refuses_bad_input(extract_node, sd15_model, comfy_inprocess, sdxl_checkpoint):
+    node, (nodes, _) = extract_node
+    model, _ = sd15_model
+    with pytest.raises(nodes.ArchitectureMismatchError, match="no requested layer .* differs"):
+        _extract(node, model, model)
+    with pytest.raises(nodes.LoraFormatError, match="not a file name inside the model folders"):
+        _extract(node, model, model, save_name="../outside")
+    with pytest.raises(nodes.ArchitectureMismatchError, match="text-encoder differences need the command line"):
+        _extract(node, model, model, layers="text_encoder")
+    sdxl = comfy_inprocess.load_diffusion_model(sdxl_checkpoint)
+    with pytest.raises(nodes.ArchitectureMismatchError, match="safe_model is sdxl but base_model is sd15"):
+        _extract(node, sdxl, model)
