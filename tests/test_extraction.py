@@ -194,3 +194,58 @@ def test_command_line_writes_the_expert_and_prints_the_report(models, tmp_path):
         capture_output=True, text=True, timeout=300)
     assert failed.returncode == 2 and "no requested layer" in failed.stderr
     assert not (tmp_path / "none.safetensors").exists()
+
+
+def test_sharded_fp16_variant_folders_and_text_encoders_meet_single_files(tmp_path):
+    """Safe: a diffusers folder with a fp16-variant UNet and a text_encoder/; base: a single file with
+    CLIP-L under cond_stage_model.transformer. and a UNet in two shards elsewhere: names still meet."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_state = {k: v.detach().half().float() for k, v in tiny_unet().state_dict().items()}
+    torch.manual_seed(1)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                                        num_hidden_layers=1, vocab_size=100, max_position_embeddings=8))
+    text_state = {unet_keys.normalize_text_encoder_path(k): v.detach().clone() for k, v in text.state_dict().items()}
+    deltas = known_lora(unet_state)
+    safe_unet = {k: v.clone() for k, v in unet_state.items()}
+    for module, delta in deltas.items():
+        safe_unet[module[len("unet."):] + ".weight"] = (safe_unet[module[len("unet."):] + ".weight"] + delta).half()
+    q = "text_model.encoder.layers.0.self_attn.q_proj.weight"
+    safe_text = dict(text_state, **{q: text_state[q] + 0.01})
+
+    folder = tmp_path / "safe"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "text_encoder").mkdir()
+    (folder / "model_index.json").write_text("{}")
+    save_file({k: v.half().contiguous() for k, v in safe_unet.items()},
+              str(folder / "unet" / "diffusion_pytorch_model.fp16.safetensors"))
+    save_file({k: v.contiguous() for k, v in safe_text.items()}, str(folder / "text_encoder" / "model.safetensors"))
+    base_file = save_ldm_checkpoint(unet_state, tmp_path / "base.safetensors")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(base_file))
+    tensors.update({f"cond_stage_model.transformer.{k}": v.contiguous() for k, v in text_state.items()})
+    save_file(tensors, str(base_file))
+    shards = tmp_path / "base_unet"
+    shards.mkdir()
+    keys = sorted(unet_state)
+    for index, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        save_file({k: unet_state[k].contiguous() for k in part},
+                  str(shards / f"diffusion_pytorch_model-0000{index + 1}-of-00002.safetensors"))
+
+    safe = extraction.weights_from_path(folder)
+    for base in (extraction.weights_from_path(base_file), extraction.weights_from_path(shards)):
+        expert, report = extraction.extract_expert(safe, base, rank=RANK)
+        assert set(expert.modules) == set(deltas)
+        # fp16 storage rounds W + ΔW: the error is the rounding, far below the change itself.
+        assert report.overall_relative_error < 1e-2
+    base = extraction.weights_from_path(base_file)
+    _, report = extraction.extract_expert(safe, base, rank=RANK)
+    assert report.unrequested == {"text_encoder." + q: pytest.approx(float(0.01 * (32 * 32) ** 0.5 / text_state[q].norm()),
+                                                                      rel=1e-3)}
+    assert "NOT in the expert: 1 other parameters differ (text_encoder: 1)" in report.summary()
+    text_expert, _ = extraction.extract_expert(safe, base, layers="text_encoder", rank=1)
+    assert list(text_expert.modules) == ["text_encoder." + q[: -len(".weight")]]
+    assert torch.allclose(text_expert.delta_weight("text_encoder." + q[: -len(".weight")]),
+                          torch.full((32, 32), 0.01), atol=1e-6)
