@@ -23,6 +23,7 @@ RANK = 4
 SAFE_UNET = "safetydpo_test_safe_unet.safetensors"
 FINETUNE_UNET = "safetydpo_test_finetune_unet.safetensors"
 KNOWN_LORA = "safetydpo_test_known_lora.safetensors"
+OWN_EXPERT = "safetydpo_test_own_expert.safetensors"
 PREFIX = "model.diffusion_model."
 
 
@@ -56,6 +57,9 @@ def extraction_models(comfyui_server, sd15_checkpoint, tmp_path_factory):
     comfyui_server.add_model(safe, "diffusion_models", SAFE_UNET)
     comfyui_server.add_model(finetune, "diffusion_models", FINETUNE_UNET)
     lora_files.save_expert(known, comfyui_server.base_dir / "models" / "loras" / KNOWN_LORA)
+    own_expert = random_expert(modules, "own_violence", "sd15", 23, rank=RANK, categories=["Violence"])
+    lora_files.save_expert(own_expert, comfyui_server.base_dir / "models" / "safety_experts" / OWN_EXPERT)
+    lora_files.save_expert(own_expert, comfyui_server.base_dir / "models" / "loras" / OWN_EXPERT)
     return comfyui_server, base, safe, deltas
 
 
@@ -81,6 +85,20 @@ def _graph():
         "31": {"class_type": "SaveLatent", "inputs": {"samples": ["30", 0], "filename_prefix": "extract/original"}},
         "40": {"class_type": "KSampler", "inputs": {"model": ["3", 0], **sampler}},
         "41": {"class_type": "SaveLatent", "inputs": {"samples": ["40", 0], "filename_prefix": "extract/finetune"}},
+        # The example's chain: extracted expert + the user's own expert at weight 0.5, linear merge, apply ...
+        "13": {"class_type": "SafetyDPOLoadExpert", "inputs": {"expert_name": f"safety_experts/{OWN_EXPERT}",
+                                                               "weight": 0.5, "experts": ["10", 0]}},
+        "14": {"class_type": "SafetyDPOMergeExperts", "inputs": {
+            "experts": ["13", 0], "method": "linear", "rank": 0, "granularity": "row", "density": 0.5,
+            "drop_seed": 0, "name": "merged", "statistics_file": "none"}},
+        "15": {"class_type": "SafetyDPOApplyExperts", "inputs": {"model": ["3", 0], "experts": ["14", 0], "strength": 1.0}},
+        "50": {"class_type": "KSampler", "inputs": {"model": ["15", 0], **sampler}},
+        "51": {"class_type": "SaveLatent", "inputs": {"samples": ["50", 0], "filename_prefix": "extract/merged"}},
+        # ... against the original LoRA and the own expert through two chained core LoRA loaders.
+        "16": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["12", 0], "lora_name": OWN_EXPERT,
+                                                              "strength_model": 0.5}},
+        "60": {"class_type": "KSampler", "inputs": {"model": ["16", 0], **sampler}},
+        "61": {"class_type": "SaveLatent", "inputs": {"samples": ["60", 0], "filename_prefix": "extract/two_loras"}},
     }
 
 
@@ -123,6 +141,13 @@ def test_extract_node_output_on_another_finetune_matches_the_original_lora(extra
     print(f"extraction in ComfyUI: worst module ΔW error {max(errors.values()):.2e}; latents max |extracted − "
           f"original LoRA| {gap:.2e}, LoRA effect max |original − fine-tune| {effect:.3g}")
     assert gap <= 1e-3 * effect, f"extracted expert and original LoRA differ by {gap} (LoRA effect {effect})"
+    # Merged with the user's own expert at weight 0.5: the same as both LoRAs chained in core loaders.
+    merged, two_loras = _latent(server, outputs, "51"), _latent(server, outputs, "61")
+    own_effect = float((two_loras - original).abs().max())
+    merged_gap = float((merged - two_loras).abs().max())
+    print(f"extracted + own expert (w 0.5), linear merge vs two chained LoraLoaders: max |Δ| {merged_gap:.2e} "
+          f"(own expert's effect {own_effect:.3g})")
+    assert own_effect > 1e-2 and merged_gap <= 1e-3 * max(effect, own_effect)
 
 
 def test_save_a_safe_checkpoint_bakes_the_expert_in_and_extracts_back(extraction_models):
