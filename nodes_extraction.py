@@ -158,7 +158,8 @@ class ExtractSafetyExpert:
             model_weights(safe_model, "safe_model"), model_weights(base_model, "base_model"), layers=layers,
             rank=None if exact else (int(rank) or None), energy=None if exact or rank else float(energy),
             max_rank=int(max_rank), name=(name or "safetydpo_extracted").strip(),
-            categories=extraction.parse_categories(categories), architecture=architecture, progress=step)
+            categories=extraction.parse_categories(categories), architecture=architecture, progress=step,
+            device=comfy.model_management.get_torch_device())
         text = report.summary()
         if save_path:
             lora_files.save_expert(expert, save_path, uniform_alpha=True)

@@ -353,11 +353,14 @@ def _architecture(weights: ModelWeights) -> str:
     return "unknown"
 
 
-def _low_rank(delta: torch.Tensor, rank: Optional[int], energy: Optional[float], max_rank: int
+def _low_rank(delta: torch.Tensor, rank: Optional[int], energy: Optional[float], max_rank: int, device=None
               ) -> Tuple[LoraModule, float, float]:
-    """Truncated SVD of ΔW: (LoRA with alpha = rank, ‖residual‖_F, ‖ΔW‖_F)."""
+    """Truncated SVD of ΔW (on ``device``, factors returned on the CPU): (LoRA with alpha = rank,
+    ‖residual‖_F, ‖ΔW‖_F)."""
     shape = delta.shape
     matrix = delta.reshape(shape[0], -1)
+    if device is not None:
+        matrix = matrix.to(device)
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     energies = s.double().pow(2)
     total = float(energies.sum())
@@ -368,8 +371,8 @@ def _low_rank(delta: torch.Tensor, rank: Optional[int], energy: Optional[float],
         r = int(torch.searchsorted(cumulative, torch.tensor(float(energy), dtype=cumulative.dtype)).item()) + 1
         r = max(1, min(r, max_rank, s.shape[0]))
     root = s[:r].sqrt()
-    up = (u[:, :r] * root).contiguous()
-    down = (root.unsqueeze(1) * vh[:r]).contiguous()
+    up = (u[:, :r] * root).cpu().contiguous()
+    down = (root.unsqueeze(1) * vh[:r]).cpu().contiguous()
     residual = math.sqrt(max(float(energies[r:].sum()), 0.0))
     if len(shape) == 4:
         down = down.reshape(r, *shape[1:])
@@ -388,6 +391,7 @@ def extract_expert(
     categories: Optional[Sequence[str]] = None,
     architecture: Optional[str] = None,
     progress: Optional[Callable[[int, int], None]] = None,
+    device=None,
 ) -> Tuple[SafetyExpert, ExtractionReport]:
     """The expert ΔW = safe − base on the requested layers, and the report.
 
@@ -395,7 +399,7 @@ def extract_expert(
     keeping that share of ‖ΔW‖² (capped at ``max_rank``). Neither: exact full differences (``.diff``).
     ``categories`` defaults to the seven CoProV2 categories (what the released SafetyDPO models cover).
     Only weights of Linear/Conv layers (2-d or 4-d ``.weight``) become expert modules; every other
-    differing parameter is reported.
+    differing parameter is reported. ``device``: where the SVDs run (e.g. ``cuda``; default the CPU).
     """
     if rank is not None and rank < 0:
         raise ArchitectureMismatchError(f"rank must be ≥ 0 (0 = use energy or exact diffs), got {rank}")
@@ -458,7 +462,7 @@ def extract_expert(
             diffs[module] = delta.contiguous()
             errors[module] = 0.0
             continue
-        lora, residual, norm = _low_rank(delta, rank, energy, max_rank)
+        lora, residual, norm = _low_rank(delta, rank, energy, max_rank, device)
         modules[module] = lora
         ranks[module] = lora.rank
         errors[module] = residual / norm if norm > 0 else 0.0

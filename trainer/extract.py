@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--format", default="kohya", choices=("kohya", "native"), help="key format of the output")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
                         help="tensor type in the file (default %(default)s)")
+    parser.add_argument("--device", default=None, help="where the SVDs run: cpu, cuda, mps (default: cuda when "
+                                                      "available, else cpu)")
     parser.add_argument("--report", help="also write the full report (per-module errors, unrequested "
                                          "differences) as JSON here")
     return parser
@@ -71,7 +73,8 @@ def main(argv=None) -> int:
         output = Path(args.output)
         expert, report = extraction.extract_expert(
             safe, base, layers=args.layers, rank=args.rank, energy=args.energy, max_rank=args.max_rank,
-            name=args.name or output.stem, categories=categories)
+            name=args.name or output.stem, categories=categories,
+            device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         lora_files.save_expert(expert, output, key_format=args.format, dtype=getattr(torch, args.dtype),
                                 uniform_alpha=True)
         if args.report:
