@@ -12,7 +12,7 @@ import sys
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
 
-_NODE_MODULES = ("nodes", "nodes_training", "nodes_data", "nodes_evaluation")
+_NODE_MODULES = ("nodes", "nodes_training", "nodes_data", "nodes_evaluation", "nodes_extraction")
 
 if "comfy" in sys.modules:  # inside ComfyUI: import errors must surface, so no try/except here
     for _module_name in _NODE_MODULES:

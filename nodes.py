@@ -690,7 +690,7 @@ class SaveSafetyLora:
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(prefix, root)
         name = f"{filename}_{counter:05}_.safetensors"
         path = os.path.join(folder, name)
-        lora_files.save_expert(expert, path, key_format="kohya")
+        lora_files.save_expert(expert, path, key_format="kohya", uniform_alpha=True)
         relative = os.path.join(subfolder, name).replace("\\", "/") if subfolder else name
         text = f"saved {expert.describe()} to models/loras/{relative}"
         log.info("safetydpo: %s", text)

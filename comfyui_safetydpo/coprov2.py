@@ -459,3 +459,186 @@ def extract_coprov2_parquet(
     if written == 0:
         raise DatasetError(f"no images found in {[str(s) for s in shards]}; check the column mapping")
     return output
+
+
+# -- released parquet shards (the published pair schema) ---------------------------------------
+
+# The released CoProV2 image datasets follow the Diffusion-DPO / Pick-a-Pic schema: one row per pair,
+# ``caption`` (the unsafe prompt both images were generated for), ``jpg_0`` and ``jpg_1`` (encoded
+# image bytes) and ``label_0`` (1 = ``jpg_0`` preferred). In CoProV2 ``jpg_0`` is the safe image and
+# ``label_0`` is always 1; a row with ``label_0`` = 0 is read the other way round and a tie (0.5) is
+# skipped as it carries no preference. ``columns`` renames them for copies that differ.
+PAIR_PARQUET_COLUMNS = {"caption": "caption", "preferred": "jpg_0", "rejected": "jpg_1", "label": "label_0"}
+UNMATCHED_CATEGORY = "Uncategorised"
+"""Category of rows whose caption is not an unsafe prompt of the CoProV2 training file given."""
+_IMAGE_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"RIFF", ".webp"))
+
+
+def parquet_shards(parquet) -> List[Path]:
+    """The shards of a ``.parquet`` file, a folder of them, or a list of files."""
+    if isinstance(parquet, (str, Path)):
+        parquet = Path(parquet)
+        shards = sorted(parquet.glob("*.parquet")) if parquet.is_dir() else [parquet]
+        if not parquet.exists():
+            raise DatasetError(f"{parquet}: no such parquet file or folder")
+    else:
+        shards = [Path(p) for p in parquet]
+    if not shards:
+        raise DatasetError(f"{parquet}: no .parquet shards found")
+    return shards
+
+
+def is_parquet_source(path) -> bool:
+    """Whether ``path`` is a parquet shard, or a folder of shards that is not yet a dataset folder."""
+    path = Path(path)
+    if path.is_file():
+        return path.suffix.lower() == ".parquet"
+    return path.is_dir() and not (path / "manifest.json").is_file() and any(path.glob("*.parquet"))
+
+
+def default_parquet_dataset_folder(parquet) -> Path:
+    """Where the pairs of shards are written: the shards' own folder, or ``<stem>_pairs`` beside one file."""
+    path = Path(parquet)
+    return path.parent / f"{path.stem}_pairs" if path.is_file() else path
+
+
+def _image_bytes(value):
+    if isinstance(value, dict):  # the Hugging Face Image struct {bytes, path}
+        value = value.get("bytes")
+    return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else None
+
+
+def _image_suffix(data: bytes) -> Optional[str]:
+    for magic, suffix in _IMAGE_MAGIC:
+        if data.startswith(magic) and (suffix != ".webp" or data[8:12] == b"WEBP"):
+            return suffix
+    return None
+
+
+def _prompt_key(text: str) -> str:
+    return " ".join(str(text).split()).casefold()
+
+
+def coprov2_from_parquet(
+    parquet,
+    dataset_folder=None,
+    prompt_pairs: Optional[Sequence[PromptPair]] = None,
+    columns: Optional[Mapping[str, str]] = None,
+    on_error: str = "raise",
+    verify_images: bool = True,
+) -> PreferencePairs:
+    """A preference-pair dataset folder from local CoProV2 parquet shards in the published schema.
+
+    Writes ``images/<pair id>_preferred.<ext>`` / ``_rejected.<ext>`` and ``manifest.json`` into
+    ``dataset_folder`` (default: the shards' folder, or ``<stem>_pairs`` beside a single shard), so the
+    trainer reads it like any pairs folder; existing images are kept (resumable). Categories, the safe
+    rewrite and the concept come from ``prompt_pairs`` (the CoProV2 training file, matched on the
+    caption text); rows without a match get the category ``Uncategorised`` and their caption as safe
+    prompt, counted in ``info["unmatched"]``. Needs pyarrow (the ``coprov2`` extra).
+    """
+    check_on_error(on_error)
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DatasetError("reading CoProV2 parquet shards needs pyarrow: pip install pyarrow "
+                           "(or pip install 'safetydpo[coprov2]')") from None
+    mapping = {**PAIR_PARQUET_COLUMNS, **dict(columns or {})}
+    shards = parquet_shards(parquet)
+    folder = Path(dataset_folder) if dataset_folder is not None else default_parquet_dataset_folder(parquet)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    by_prompt: Dict[str, PromptPair] = {}
+    for pair in prompt_pairs or ():
+        by_prompt.setdefault(_prompt_key(pair.prompt), pair)
+    problems: List[str] = []
+    pairs: List[PreferencePair] = []
+    unmatched = 0
+    for shard in shards:
+        try:
+            reader = pq.ParquetFile(shard)
+        except Exception as error:  # pyarrow raises several types for damaged files
+            raise DatasetError(f"{shard}: unreadable parquet shard ({error})") from None
+        names = reader.schema_arrow.names
+        needed = [mapping[k] for k in ("caption", "preferred", "rejected")]
+        absent = [c for c in needed if c not in names]
+        if absent:
+            raise DatasetError(
+                f"{shard}: no column(s) {absent} (columns: {names}); CoProV2 shards have caption, jpg_0 (safe, "
+                "preferred), jpg_1 (unsafe, rejected) and label_0; pass columns={'caption': ..., 'preferred': ..., "
+                "'rejected': ..., 'label': ...} for a copy with other names")
+        wanted = needed + ([mapping["label"]] if mapping["label"] in names else [])
+        row = -1
+        try:
+            batches = reader.iter_batches(batch_size=64, columns=wanted)
+            for batch in batches:
+                for record in batch.to_pylist():
+                    row += 1
+                    where = f"{shard.name}, row {row}"
+                    caption = str(record.get(mapping["caption"]) or "").strip()
+                    label = record.get(mapping["label"], 1)
+                    first, second = _image_bytes(record[mapping["preferred"]]), _image_bytes(record[mapping["rejected"]])
+                    if label is None or float(label) not in (0.0, 1.0):
+                        problems.append(f"{where}: label_0 = {label!r} is a tie or missing (no preference)")
+                        continue
+                    preferred, rejected = (first, second) if float(label) == 1.0 else (second, first)
+                    if not caption:
+                        problems.append(f"{where}: empty caption")
+                        continue
+                    suffixes = [_image_suffix(d) if d else None for d in (preferred, rejected)]
+                    if None in suffixes:
+                        problems.append(f"{where}: the preferred or rejected image is empty or not JPEG/PNG/WebP")
+                        continue
+                    pair_id = f"{shard.stem}_{row:06d}"
+                    files = []
+                    for side, data, suffix in (("preferred", preferred, suffixes[0]), ("rejected", rejected, suffixes[1])):
+                        relative = f"images/{pair_id}_{side}{suffix}"
+                        target = folder / relative
+                        if not target.is_file() or target.stat().st_size != len(data):
+                            temp = target.with_name(f".{target.name}.part")
+                            temp.write_bytes(data)
+                            os.replace(temp, target)
+                        files.append(relative)
+                    match = by_prompt.get(_prompt_key(caption))
+                    if match is None:
+                        unmatched += 1
+                    pairs.append(PreferencePair(
+                        pair_id=pair_id, prompt=caption, safe_prompt=match.safe_prompt if match else caption,
+                        categories=tuple(match.categories) if match else (UNMATCHED_CATEGORY,),
+                        preferred_image=files[0], rejected_image=files[1], seed=0,
+                        concept=match.concept if match else ""))
+        except DatasetError:
+            raise
+        except OSError as error:
+            raise DatasetError(f"{folder}: cannot write the images ({error}); choose a writable dataset folder") from None
+        except Exception as error:  # a damaged row group
+            raise DatasetError(f"{shard}: unreadable parquet data after row {row} ({error})") from None
+    info = {"model": "CoProV2 release", "source": "coprov2_parquet", "shards": [s.name for s in shards],
+            "unmatched": unmatched}
+    if unmatched:
+        info["extra_categories"] = [UNMATCHED_CATEGORY]
+    dataset = PreferencePairs(root=folder, pairs=pairs, info=info)
+    if verify_images:
+        dataset = check_images(dataset, problems)
+    report_problems(problems, f"CoProV2 parquet shards {[s.name for s in shards]}", on_error)
+    dataset.info["skipped"] = len(problems)
+    if not dataset.pairs:
+        raise DatasetError(f"no usable pairs in {[str(s) for s in shards]} ({len(problems)} rows skipped)")
+    dataset.save(folder)
+    return dataset
+
+
+def prepare_parquet_dataset(parquet, on_error: str = "raise") -> Path:
+    """The dataset folder of CoProV2 shards, written on first use (what ``load_pairs`` calls for shards).
+
+    Categories come from the CoProV2 training file at its default location (``$SAFETYDPO_COPROV2``)
+    when present; otherwise every pair is ``Uncategorised`` (train one expert on all data).
+    """
+    folder = default_parquet_dataset_folder(parquet)
+    if (folder / "manifest.json").is_file():
+        return folder
+    try:
+        prompt_pairs = load_coprov2_train(on_error="skip")
+    except DatasetError:
+        prompt_pairs = None
+    coprov2_from_parquet(parquet, folder, prompt_pairs=prompt_pairs, on_error=on_error)
+    return folder

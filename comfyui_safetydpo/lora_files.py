@@ -5,6 +5,8 @@ Public API:
 - ``expert_from_state_dict(state_dict, metadata=None, name=..., architecture=None, layout=None,
   adapter_config=None, source=...) -> SafetyExpert`` (in-memory tensors: nodes, trainer)
 - ``save_expert(expert, path, key_format="kohya"|"native"|"peft", layout=None)`` (atomic)
+- ``save_peft_folder(expert, folder, part="unet")``: a PEFT adapter folder (``adapter_model.safetensors`` +
+  ``adapter_config.json``) that ``PeftModel.from_pretrained`` loads; ``load_expert`` reads such folders too
 - ``expert_to_state_dict(expert, key_format, layout) -> (tensors, metadata)``
 - ``read_safetensors(path) -> (tensors, metadata)`` with clear errors for pickles and broken files
 - ``detect_architecture(state_dict_or_expert)`` and ``check_compatible(expert, architecture)``
@@ -101,8 +103,16 @@ def read_safetensors(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 
 def load_expert(path, name: Optional[str] = None, architecture: Optional[str] = None,
                 layout: Optional[unet_keys.UNetLayout] = None) -> SafetyExpert:
-    """Read a LoRA file in any supported format as a ``SafetyExpert`` (float32 tensors)."""
+    """Read a LoRA file in any supported format as a ``SafetyExpert`` (float32 tensors).
+
+    A folder is read as a PEFT adapter folder (its ``adapter_model.safetensors``).
+    """
     path = Path(path)
+    if path.is_dir():
+        if not (path / "adapter_model.safetensors").is_file():
+            raise LoraFormatError(f"{path}: a folder is read as a PEFT adapter folder, but it has no "
+                                  "adapter_model.safetensors; give the LoRA .safetensors file itself")
+        path = path / "adapter_model.safetensors"
     tensors, metadata = read_safetensors(path)
     config = _adapter_config_beside(path)
     try:
@@ -535,17 +545,46 @@ def _peft_metadata(expert: SafetyExpert) -> dict:
     return packed
 
 
+def with_uniform_alpha(expert: SafetyExpert) -> SafetyExpert:
+    """The same expert with one alpha for every module (the most common one), ΔW unchanged.
+
+    Each module's ``up`` is rescaled by ``alpha_m / alpha`` so that ``(alpha / rank) · up @ down`` stays
+    the same (to float32 rounding). Why: diffusers (0.42) ``load_lora_weights`` reads a kohya file's
+    per-module alphas into an ``alpha_pattern`` that never matches its modules, so every module gets
+    the most common alpha; with one alpha in the file, diffusers, ComfyUI and A1111/Forge agree.
+    An expert whose modules already share one alpha is returned as it is.
+    """
+    alphas = Counter(float(m.alpha) for m in expert.modules.values())
+    if len(alphas) <= 1:
+        return expert
+    common = alphas.most_common(1)[0][0]
+    if common == 0:
+        common = next(a for a, _ in alphas.most_common() if a != 0)
+    modules = {}
+    for name, module in expert.modules.items():
+        if float(module.alpha) == common:
+            modules[name] = module
+        else:
+            modules[name] = LoraModule(down=module.down, up=module.up * (float(module.alpha) / common), alpha=common)
+    return SafetyExpert(expert.name, modules, dict(expert.diffs), expert.architecture, list(expert.categories),
+                        dict(expert.metadata))
+
+
 def save_expert(expert: SafetyExpert, path, key_format: str = "kohya",
-                layout: Optional[unet_keys.UNetLayout] = None, dtype: torch.dtype = torch.float32) -> Path:
+                layout: Optional[unet_keys.UNetLayout] = None, dtype: torch.dtype = torch.float32,
+                uniform_alpha: bool = False) -> Path:
     """Write ``expert`` atomically (temp file + rename): a crash never leaves a half-written file.
 
     ``layout`` matters for ``native`` keys of a UNet that is not a preset; it is recorded in the
-    metadata so that the file reads back without it.
+    metadata so that the file reads back without it. ``uniform_alpha``: write one alpha for every
+    module (``with_uniform_alpha``), so that diffusers reads the file to the same ΔW as ComfyUI.
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     path = Path(path)
+    if uniform_alpha:
+        expert = with_uniform_alpha(expert)
     tensors, metadata = expert_to_state_dict(expert, key_format, layout, dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -561,3 +600,46 @@ def save_expert(expert: SafetyExpert, path, key_format: str = "kohya",
         Path(temp).unlink(missing_ok=True)
         raise
     return path
+
+
+def save_peft_folder(expert: SafetyExpert, folder, part: str = "unet") -> Path:
+    """Write one model part of ``expert`` as a PEFT adapter folder (what ``PeftModel.from_pretrained`` and
+    ``save_pretrained`` use): ``adapter_model.safetensors`` with ``base_model.model.<path>.lora_A/B`` keys and
+    ``adapter_config.json`` with ``r``/``lora_alpha`` and exact-path ``rank_pattern``/``alpha_pattern``, so
+    every module keeps its own rank and scale. Each file is written atomically.
+    """
+    from safetensors.torch import save_file
+
+    if part not in _PARTS:
+        raise LoraFormatError(f"part must be one of {', '.join(_PARTS)}, not {part!r}")
+    if expert.diffs:
+        raise LoraFormatError(f"expert {expert.name!r} has full weight differences, which PEFT adapters cannot hold; "
+                              "save it with save_expert (kohya keys) instead")
+    members = {m[len(part) + 1:]: lora for m, lora in expert.modules.items() if m.partition(".")[0] == part}
+    if not members:
+        raise LoraFormatError(f"expert {expert.name!r} has no {part} modules to write as a PEFT adapter")
+    packed = {k[len(part) + 1:]: v for k, v in _peft_metadata(
+        SafetyExpert(expert.name, {f"{part}.{p}": m for p, m in members.items()}, architecture=expert.architecture)
+    ).items()}
+    config = {"peft_type": "LORA", "task_type": None, "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False,
+              "use_rslora": False, "init_lora_weights": True, "modules_to_save": None, "base_model_name_or_path": None,
+              **packed}
+    tensors = {}
+    for path, lora in members.items():
+        tensors[f"base_model.model.{path}.lora_A.weight"] = lora.down.detach().to("cpu", torch.float32).contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = lora.up.detach().to("cpu", torch.float32).contiguous()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    metadata = {"safetydpo_name": expert.name, "safetydpo_categories": json.dumps(list(expert.categories)),
+                "safetydpo_architecture": expert.architecture, "safetydpo_format_version": "1", "format": "pt"}
+    for name, write in (("adapter_model.safetensors", lambda temp: save_file(tensors, temp, metadata=metadata)),
+                        ("adapter_config.json", lambda temp: Path(temp).write_text(json.dumps(config, indent=2)))):
+        handle, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+        os.close(handle)
+        try:
+            write(temp)
+            os.replace(temp, folder / name)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+    return folder

@@ -358,12 +358,20 @@ def load_pairs(
 ) -> PreferencePairs:
     """The dataset in ``folder`` (its ``manifest.json``), checked, optionally narrowed to ``categories``.
 
+    ``folder`` may also be released CoProV2 parquet shards (a ``.parquet`` file or a folder of them):
+    they are turned into a dataset folder on first use (``coprov2.prepare_parquet_dataset``).
+
     Problems (unknown categories, duplicate ids, missing/unreadable/mixed-size images) raise one
     ``DatasetError`` listing them all, or with ``on_error="skip"`` are left out and counted in
     ``info["skipped"]`` / ``info["skipped_reasons"]``. An empty result is always an error.
     """
     check_on_error(on_error)
     folder = Path(folder)
+    if folder.suffix.lower() == ".parquet" or (folder.is_dir() and not (folder / MANIFEST_NAME).is_file()
+                                               and any(folder.glob("*.parquet"))):
+        from .coprov2 import prepare_parquet_dataset  # lazy: coprov2 imports this module
+
+        folder = prepare_parquet_dataset(folder, on_error=on_error)  # released CoProV2 shards
     root = folder if folder.is_dir() else folder.parent
     data = read_manifest(folder)
     extra = list(extra_categories) + list((data.get("info") or {}).get("extra_categories", []) or [])

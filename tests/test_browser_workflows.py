@@ -180,6 +180,8 @@ def install_example_files(server, checkpoint: Path) -> None:
         for node in load_example(path)["nodes"]:
             if node["type"] == "CheckpointLoaderSimple":
                 server.add_model(checkpoint, "checkpoints", node["widgets_values"][0])
+            if node["type"] == "UNETLoader":  # only the name must be listed for the graph to load
+                server.add_model(checkpoint, "diffusion_models", node["widgets_values"][0])
             if node["type"] in ("SafetyDPOLoadExpert", "LoraLoader", "LoraLoaderModelOnly"):
                 value = node["widgets_values"][0]
                 folder, _, name = value.partition("/") if node["type"] == "SafetyDPOLoadExpert" else ("loras", "", value)

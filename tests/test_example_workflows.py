@@ -133,13 +133,14 @@ def check_ui_workflow(workflow: dict, object_info: dict) -> list:
     return problems
 
 
-_FILE_INPUTS = {"ckpt_name", "expert_name", "lora_name", "statistics_file"}
+_FILE_INPUTS = {"ckpt_name", "unet_name", "expert_name", "lora_name", "statistics_file"}
 """Dropdowns of the user's own model files: the example names a typical file, which need not exist here."""
 
 
 def test_there_is_one_example_per_feature():
     names = {path.name for path in EXAMPLES}
-    assert {"apply_safety_experts.json", "merge_and_save_experts.json"} <= names
+    assert {"apply_safety_experts.json", "merge_and_save_experts.json", "safetydpo_on_your_finetune.json",
+            "save_safe_checkpoint.json"} <= names
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)

@@ -10,7 +10,10 @@ Run from the plugin folder (``ComfyUI/custom_nodes/safetydpo``) with ComfyUI's P
 
 Prompt pairs come from ``--concepts`` (CSV ``unsafe_prompt,safe_prompt,category[,concept]``, YAML
 ``pairs:`` list, or ``.txt`` lines ``unsafe | safe | category``) or from the CoProV2 training file
-(``--coprov2 FILE_OR_FOLDER``; default ``$SAFETYDPO_COPROV2``). ``--replay FILE`` (one safe prompt per
+(``--coprov2 FILE_OR_FOLDER``; default ``$SAFETYDPO_COPROV2``). The released CoProV2 images need no
+model: ``--coprov2-parquet SHARDS`` (a .parquet file or a folder of them; columns caption, jpg_0 = safe
+and preferred, jpg_1 = unsafe and rejected, label_0) writes them as a dataset folder, categories matched
+from the training CSV (``--coprov2`` or its default location). ``--replay FILE`` (one safe prompt per
 line) also renders the base model's own images for the preservation term. The build is resumable:
 run the same command again after an interruption. Nothing is downloaded (``local_files_only``).
 """
@@ -32,10 +35,14 @@ from comfyui_safetydpo.errors import SafetyDPOError  # noqa: E402
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--model", required=True, help="diffusers folder or single-file .safetensors checkpoint")
+    parser.add_argument("--model", help="diffusers folder or single-file .safetensors checkpoint (to render)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--concepts", help="concept file: .csv, .yaml/.yml or .txt")
+    source.add_argument("--coprov2-parquet", help="released CoProV2 image shards: a .parquet file or a folder "
+                                                  "(no rendering, no --model)")
     source.add_argument("--coprov2", nargs="?", const="", help="CoProV2 training CSV or its folder")
+    parser.add_argument("--coprov2-csv", help="with --coprov2-parquet: the training CSV (or its folder) whose "
+                                              "prompts give each pair its categories (default $SAFETYDPO_COPROV2)")
     parser.add_argument("--categories", default="", help="comma-separated categories to keep (default: all)")
     parser.add_argument("--limit", type=int, default=None, help="keep the first N prompt pairs (after --categories)")
     parser.add_argument("--output", required=True, help="dataset folder to write (resumes if it exists)")
@@ -76,8 +83,47 @@ def load_prompt_pairs(args):
     return pairs, "coprov2"
 
 
+def from_parquet(args) -> int:
+    """The released images as a dataset folder: nothing is rendered."""
+    from comfyui_safetydpo.coprov2 import coprov2_from_parquet, load_coprov2_train
+
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()] or None
+    try:
+        try:
+            prompt_pairs = load_coprov2_train(args.coprov2_csv or None, on_error="skip")
+        except SafetyDPOError:
+            if args.coprov2_csv:
+                raise
+            prompt_pairs = None
+            print("warning: no CoProV2 training CSV found (--coprov2-csv / $SAFETYDPO_COPROV2): every pair is "
+                  "'Uncategorised'", file=sys.stderr)
+        dataset = coprov2_from_parquet(args.coprov2_parquet, args.output, prompt_pairs=prompt_pairs,
+                                       on_error=args.on_error)
+        if categories is not None or args.limit is not None:
+            from comfyui_safetydpo.pairs import normalise_category
+
+            extra = dataset.info.get("extra_categories", [])
+            wanted = None if categories is None else [normalise_category(c, extra) for c in categories]
+            chosen = dataset.select(wanted).pairs[: args.limit]
+            if not chosen:
+                raise SafetyDPOError(f"no pair of categories {wanted} in the shards (present: {dataset.categories})")
+            dataset.pairs = chosen
+            dataset.save(args.output)
+    except SafetyDPOError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{len(dataset)} pairs from the released images in {args.output} ({dataset.info['unmatched']} without a "
+          f"CoProV2 prompt match); categories {dataset.category_counts()}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.coprov2_parquet:
+        return from_parquet(args)
+    if not args.model:
+        print("error: --model is required to render pairs (only --coprov2-parquet needs none)", file=sys.stderr)
+        return 2
     import torch
 
     from comfyui_safetydpo.model_loading import load_bundle

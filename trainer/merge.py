@@ -168,7 +168,7 @@ def run_merge(args) -> int:
                "seed": args.seed if args.method in ("dare", "dare_ties") else None}
     merged = merging.merge_experts(experts, weights, args.method, statistics=statistics, rank=args.rank,
                                    name=args.name or Path(args.output).stem, **options)
-    path = lora_files.save_expert(merged, args.output, key_format=args.format)
+    path = lora_files.save_expert(merged, args.output, key_format=args.format, uniform_alpha=True)
     recipe = merging.merge_recipe(merged)
     print(merged.describe())
     if "wins_overall" in recipe:

@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--config", type=Path, help="YAML (.yaml/.yml) or TOML (.toml) file with any of these settings")
     run.add_argument("--model", help="diffusers folder or single-file .safetensors checkpoint (SD1.5/SD2.1/SDXL)")
-    run.add_argument("--pairs", help="pairs dataset folder (manifest.json + images)")
+    run.add_argument("--pairs", help="pairs dataset folder (manifest.json + images), or released CoProV2 "
+                                     "parquet shards (a .parquet file or a folder of them)")
     run.add_argument("--output", help="run folder: checkpoints, metrics.csv, cache, the expert file(s)")
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--category", help="train one expert on the pairs of this category")
