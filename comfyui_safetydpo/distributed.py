@@ -90,10 +90,17 @@ class ProcessGroup:
         start = self.rank * base + min(self.rank, extra)
         return slice(start, start + size), size * self.world / total
 
-    def broadcast_parameters(self, params: List[torch.Tensor]) -> None:
-        """Start every process from the main process's LoRA weights (as DDP does at wrapping)."""
+    def start_together(self, params: List[torch.Tensor], step: int) -> None:
+        """Check every process starts at the same step (the same checkpoint), then give all of them the
+        main process's LoRA weights (as DDP does when it wraps a model)."""
         from accelerate.utils import broadcast
 
+        steps = torch.tensor([step, -step], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
+        if int(steps[0]) != -int(steps[1]):
+            raise TrainingError(f"the processes resume from different steps ({-int(steps[1])} to {int(steps[0])}): "
+                                "they do not see the same checkpoints. On several machines, put --output on "
+                                "storage every machine shares (only the main process writes it)")
         if not params:
             return
         flat = broadcast(torch.cat([p.detach().reshape(-1) for p in params]).contiguous(), from_process=0)

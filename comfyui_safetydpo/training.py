@@ -425,7 +425,7 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
             history = state.get("history", [])
             log.info("resumed from %s at step %d", found, step)
     if parallel is not None:
-        parallel.broadcast_parameters(params)
+        parallel.start_together(params, step)
     metrics_file = None
     board = None
     if output_dir and is_main:

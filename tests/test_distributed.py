@@ -134,6 +134,11 @@ def fork_ranks(argv, world: int, logs: Path):
     from test_training import load_train_cli
 
     cli = load_train_cli()
+    return fork_processes(lambda rank: cli.main([str(a) for a in argv]), world, logs)
+
+
+def fork_processes(work, world: int, logs: Path):
+    """Run ``work(rank)`` (returns an exit status) in ``world`` forked ranks with torchrun's environment."""
     logs.mkdir(parents=True, exist_ok=True)
     port = free_port()
     pids = []
@@ -152,7 +157,7 @@ def fork_ranks(argv, world: int, logs: Path):
                 from accelerate import PartialState
 
                 PartialState._reset_state()
-                code = cli.main([str(a) for a in argv])
+                code = work(rank)
             except BaseException:  # noqa: BLE001 - reported through the log and the exit status
                 traceback.print_exc()
             finally:
@@ -270,3 +275,23 @@ def test_per_category_on_two_processes_equals_one_after_another(workspace, capsy
     # each process trained its own category: the two logs name different ones
     logs = [(root / "logs_pc" / f"rank{r}.log").read_text() for r in (0, 1)]
     assert ("Violence:" in logs[0]) != ("Violence:" in logs[1]) and ("Hate:" in logs[0]) != ("Hate:" in logs[1])
+
+
+def test_processes_that_see_different_checkpoints_refuse_to_start(tmp_path):
+    """On several machines without shared storage the ranks would resume from different steps: refused."""
+    def work(rank):
+        from comfyui_safetydpo import distributed
+        from comfyui_safetydpo.errors import TrainingError
+
+        group = distributed.start()
+        assert group is not None and group.world == 2 and group.rank == rank
+        params = [torch.full((3,), float(rank))]
+        group.start_together(params, step=4)  # same step: the main process's weights everywhere
+        assert torch.equal(params[0], torch.zeros(3))
+        try:
+            group.start_together(params, step=4 + 2 * rank)
+        except TrainingError as error:
+            return 0 if "shares" in str(error) else 5
+        return 6
+
+    reap(fork_processes(work, 2, tmp_path / "logs"), tmp_path / "logs", timeout=60)
