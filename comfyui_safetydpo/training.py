@@ -465,7 +465,9 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
                 loss, metrics = _objective(denoiser, data, batches, indices, generator, device, low, high, parallel)
                 if not torch.isfinite(loss):
                     finite = False
-                    break
+                    if parallel is None:
+                        break
+                    continue  # data-parallel: draw the same batches as the other processes, skip the step together
                 (loss / config.gradient_accumulation).backward()
                 for key, value in metrics.items():
                     step_metrics[key] = step_metrics.get(key, 0.0) + value / config.gradient_accumulation

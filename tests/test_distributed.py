@@ -295,3 +295,38 @@ def test_processes_that_see_different_checkpoints_refuse_to_start(tmp_path):
         return 6
 
     reap(fork_processes(work, 2, tmp_path / "logs"), tmp_path / "logs", timeout=60)
+
+
+def test_a_nan_on_one_process_skips_the_step_on_every_process(tmp_path):
+    """A non-finite loss in one process's part of the batch: every process skips the same steps and stops
+    with the same message at the same step (no process waits forever for the others)."""
+    from training_helpers import colour_pairs, tiny_bundle
+
+    from comfyui_safetydpo.encoding_cache import encode_preference_pairs
+    from comfyui_safetydpo.training import TrainingConfig, denoiser_for_bundle, train_lora
+
+    pairs = colour_pairs(tmp_path / "pairs", 4)
+
+    def work(rank):
+        from comfyui_safetydpo import distributed
+        from comfyui_safetydpo.errors import TrainingError
+
+        group = distributed.start()
+        bundle = tiny_bundle()
+        data = encode_preference_pairs(bundle, pairs)
+        data.winner_latents[:] = float("nan")  # every pair is bad, but only rank 1 sees it
+        if rank == 0:
+            data = encode_preference_pairs(bundle, pairs)
+        for p in bundle.unet.parameters():
+            p.requires_grad_(False)
+        config = TrainingConfig(max_steps=4, batch_size=2, max_bad_steps=3, gradient_accumulation=2,
+                                checkpoint_every=0)
+        try:
+            train_lora(denoiser_for_bundle(bundle), data, config, output_dir=tmp_path / "run", parallel=group)
+        except TrainingError as error:
+            print(error)
+            return 0 if "NaN/Inf for 3 steps in a row (at step 0)" in str(error) else 7
+        return 8
+
+    reap(fork_processes(work, 2, tmp_path / "logs"), tmp_path / "logs", timeout=120)
+    assert (tmp_path / "run" / "checkpoints" / "latest").is_file()  # the main process kept the last good state
