@@ -330,3 +330,18 @@ def test_a_nan_on_one_process_skips_the_step_on_every_process(tmp_path):
 
     reap(fork_processes(work, 2, tmp_path / "logs"), tmp_path / "logs", timeout=120)
     assert (tmp_path / "run" / "checkpoints" / "latest").is_file()  # the main process kept the last good state
+
+
+def test_accelerate_mixed_precision_applies_unless_the_trainer_flag_is_given(workspace, monkeypatch, capsys):
+    root, config = workspace
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    short = ["--max-steps", "1", "--batch-size", "1", "--checkpoint-every", "0"]
+    for flags, expected in (([], "bf16"), (["--mixed-precision", "no"], "no")):
+        train_here(config, root / f"mp_{expected}", *short, *flags)
+        recipe = json.loads(load(root / f"mp_{expected}" / "dp.safetensors").metadata["safetydpo_recipe"])
+        assert recipe["mixed_precision"] == expected
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    from test_training import load_train_cli
+
+    assert load_train_cli().main(["--config", str(config), "--output", str(root / "mp_fp8"), *short]) == 2
+    assert "fp8" in capsys.readouterr().err
