@@ -154,13 +154,14 @@ def start(experts_in_parallel: bool = False) -> Optional[ProcessGroup]:
     """Join the launcher's process group; None when only one process was launched.
 
     ``experts_in_parallel``: the processes only meet again at the end, after each trained its own
-    experts (hours apart), so the group's timeout is long.
+    experts (hours apart), so the group has a long timeout and uses gloo (CPU) for that one barrier
+    even on GPUs, where nothing else is exchanged.
     """
     if launched_processes() <= 1:
         return None
     from accelerate import PartialState
 
-    kwargs = {"timeout": EXPERTS_IN_PARALLEL_TIMEOUT} if experts_in_parallel else {}
+    kwargs = {"timeout": EXPERTS_IN_PARALLEL_TIMEOUT, "backend": "gloo"} if experts_in_parallel else {}
     state = PartialState(cpu=not torch.cuda.is_available(), **kwargs)
     if state.num_processes <= 1:
         return None

@@ -51,7 +51,7 @@ HELP = {
     "target_modules": "module names LoRA goes on, comma separated (default: to_q,to_k,to_v,to_out.0)",
     "learning_rate": "AdamW learning rate (official recipe: 1e-5)",
     "max_steps": "optimizer steps per expert",
-    "batch_size": "pairs per micro-batch (lower it when out of memory)",
+    "batch_size": "pairs per micro-batch and process (lower it when out of memory)",
     "gradient_accumulation": "micro-batches per optimizer step",
     "max_grad_norm": "gradient clipping (0 = off)",
     "warmup_steps": "linear learning-rate warm-up steps",
