@@ -39,6 +39,9 @@ from .models import PromptEmbeddings
 
 log = logging.getLogger(__name__)
 
+# fp16 loss scaling (torch.amp.GradScaler, as accelerate uses for fp16): the first scale; halved on overflow.
+FP16_INITIAL_SCALE = 2.0 ** 16
+
 OFFICIAL_RECIPE = {"rank": 4, "alpha": 4.0, "target_modules": ("to_q", "to_k", "to_v", "to_out.0"),
                    "dpo_beta": 5000.0, "learning_rate": 1e-5}
 
@@ -410,6 +413,8 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
     warmup = max(config.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INITIAL_SCALE,
+                                  enabled=config.mixed_precision == "fp16")  # a no-op unless fp16
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -423,6 +428,8 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
             state = load_checkpoint(found, module, optimizer, scheduler, generator)
             step, epoch, position = state["step"], state["epoch"], state["position"]
             history = state.get("history", [])
+            if scaler.is_enabled() and state.get("grad_scaler"):
+                scaler.load_state_dict(state["grad_scaler"])
             log.info("resumed from %s at step %d", found, step)
     if parallel is not None:
         parallel.start_together(params, step)
@@ -442,7 +449,8 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
             return
         save_checkpoint(checkpoints, module, optimizer, scheduler,
                         {"step": step, "epoch": epoch, "position": position, "history": history,
-                         "config": config.to_json()}, generator, config.keep_checkpoints)
+                         "config": config.to_json(), "grad_scaler": scaler.state_dict()}, generator,
+                        config.keep_checkpoints)
 
     count = len(data)
     low, high = int(config.timestep_range[0]), int(config.timestep_range[1])
@@ -468,7 +476,7 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
                     if parallel is None:
                         break
                     continue  # data-parallel: draw the same batches as the other processes, skip the step together
-                (loss / config.gradient_accumulation).backward()
+                scaler.scale(loss / config.gradient_accumulation).backward()
                 for key, value in metrics.items():
                     step_metrics[key] = step_metrics.get(key, 0.0) + value / config.gradient_accumulation
         except interrupt_exceptions as error:
@@ -487,10 +495,19 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
                 "resolution") from None
         if parallel is not None:
             finite = parallel.sync_gradients(params, finite)  # averaged over processes; finite on all
+        losses_finite = finite
+        if finite and scaler.is_enabled():
+            scaler.unscale_(optimizer)
         if finite:
             finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
         if not finite:
             optimizer.zero_grad(set_to_none=True)
+            if losses_finite and scaler.is_enabled():
+                overflowed_at = scaler.get_scale()
+                scaler.update()  # fp16 loss-scale overflow: halve the scale; not a bad step while the scale > 1
+                if overflowed_at > 1.0:
+                    log.info("fp16 gradient overflow at step %d: loss scale lowered to %g", step, scaler.get_scale())
+                    continue
             bad_steps += 1
             log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step, bad_steps)
             if bad_steps >= config.max_bad_steps:
@@ -501,7 +518,8 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
             continue
         bad_steps = 0
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         step += 1
         if parallel is not None:
