@@ -65,7 +65,8 @@ HELP = {
     "seed": "seed for noise, timesteps and data order",
     "checkpoint_every": "save a resumable checkpoint every N steps (0 = only at the end)",
     "keep_checkpoints": "how many checkpoints to keep",
-    "mixed_precision": "autocast: no, fp16 or bf16 (LoRA weights stay fp32)",
+    "mixed_precision": "autocast: no, fp16 (with loss scaling) or bf16 (LoRA weights stay fp32); default: "
+                       "accelerate's --mixed_precision when launched with it, else no",
     "gradient_checkpointing": "recompute activations in backward (less memory, slower)",
     "max_bad_steps": "stop after this many NaN/Inf steps in a row",
 }
