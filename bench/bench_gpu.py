@@ -51,10 +51,10 @@ def cases(tiny: bool):
     """The model shapes and batch of each case (tiny: fp32, as bf16 kernels on a CPU are slow)."""
     if tiny:
         return {
-            "sd15": dict(widths=(32, 64, 128, 128), heads=8, context=64, latent=8, pairs=1, steps=1, bf16=False, vocab=1000,
+            "sd15": dict(widths=(32, 64, 128, 128), heads=8, context=64, latent=8, pairs=1, steps=1, bf16=False, vocab=1000, blocks=1,
                          text=[dict(hidden=64, layers=2, heads=4)], vae=(8, 16, 32, 32), xl=False),
             "sdxl": dict(widths=(32, 64, 128), heads=(2, 4, 8), layers=(1, 1, 2), context=64, latent=8, pairs=1,
-                         steps=1, bf16=False, vocab=1000, text=[dict(hidden=32, layers=2, heads=4), dict(hidden=32, layers=2, heads=4)],
+                         steps=1, bf16=False, vocab=1000, blocks=1, text=[dict(hidden=32, layers=2, heads=4), dict(hidden=32, layers=2, heads=4)],
                          vae=(8, 16, 32, 32), xl=True),
         }
     return {
@@ -77,7 +77,7 @@ def build(case: dict, device, dtype):
         if case["xl"]:
             pooled = case["text"][-1]["hidden"]
             unet = UNet2DConditionModel(
-                sample_size=case["latent"], in_channels=4, out_channels=4, layers_per_block=2,
+                sample_size=case["latent"], in_channels=4, out_channels=4, layers_per_block=case.get("blocks", 2),
                 block_out_channels=case["widths"], attention_head_dim=case["heads"],
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
@@ -87,7 +87,7 @@ def build(case: dict, device, dtype):
                     256 if case["widths"][0] >= 320 else 8), norm_num_groups=32 if case["widths"][0] >= 320 else 8)
         else:
             unet = UNet2DConditionModel(
-                sample_size=case["latent"], in_channels=4, out_channels=4, layers_per_block=2,
+                sample_size=case["latent"], in_channels=4, out_channels=4, layers_per_block=case.get("blocks", 2),
                 block_out_channels=case["widths"], attention_head_dim=case["heads"],
                 cross_attention_dim=case["context"], norm_num_groups=32 if case["widths"][0] >= 320 else 8,
                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -99,7 +99,7 @@ def build(case: dict, device, dtype):
                                     max_position_embeddings=77, projection_dim=text["hidden"])
             last = case["xl"] and index == len(case["text"]) - 1
             encoders.append((CLIPTextModelWithProjection if last else CLIPTextModel)(config))
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=case.get("blocks", 2),
                             norm_num_groups=32 if case["vae"][0] >= 32 else 8, block_out_channels=case["vae"],
                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     for module in (unet, vae, *encoders):
