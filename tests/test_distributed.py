@@ -90,7 +90,7 @@ def finish(process: subprocess.Popen, timeout: float = 240) -> str:
     return out
 
 
-def train_here(config: Path, output: Path, *flags: str) -> dict:
+def train_here(config: Path, output: Path, *flags: str):
     """The same command line in this process (one process, no launcher)."""
     from test_training import load_train_cli
 
