@@ -152,7 +152,12 @@ class TrainSafetyExpertDPO:
                    "preferred and the unsafe image rejected. The reference model is the same UNet with the LoRA "
                    "off. Checkpoints are kept in output/safetydpo_training/<name>; Cancel stops within one step "
                    "and keeps the last checkpoint (turn on resume to continue). The expert is saved to "
-                   "models/safety_experts/<name>.safetensors (kohya format) and output for Merge/Apply nodes.")
+                   "models/safety_experts/<name>.safetensors (kohya format) and output for Merge/Apply nodes. "
+                   "This node trains in the ComfyUI process on one device. For more than one GPU (or machine), run "
+                   "the command-line trainer with accelerate from the extension's folder, e.g. `accelerate launch "
+                   "--num_processes 4 trainer/train.py --model <checkpoint> --pairs <pairs folder> --output <run "
+                   "folder>` (data parallel), or add --per-category to train one expert per GPU at once "
+                   "(README: More than one GPU).")
     CATEGORY = "safetydpo/training"
     FUNCTION = "train"
     OUTPUT_NODE = True

@@ -39,6 +39,9 @@ from .models import PromptEmbeddings
 
 log = logging.getLogger(__name__)
 
+# fp16 loss scaling (torch.amp.GradScaler, as accelerate uses for fp16): the first scale; halved on overflow.
+FP16_INITIAL_SCALE = 2.0 ** 16
+
 OFFICIAL_RECIPE = {"rank": 4, "alpha": 4.0, "target_modules": ("to_q", "to_k", "to_v", "to_out.0"),
                    "dpo_beta": 5000.0, "learning_rate": 1e-5}
 
@@ -364,12 +367,14 @@ def train_lora(
     should_stop: Optional[Callable[[], bool]] = None,
     keep_lora: bool = False,
     interrupt_exceptions: tuple = (),
+    parallel=None,
 ) -> TrainingResult:
     """Train a LoRA on ``denoiser.module`` with the configured objective; returns the expert.
 
     ``interrupt_exceptions``: exception types a host raises from inside the model to cancel (ComfyUI's
     ops check for Cancel on every layer); the step in progress is dropped, the last completed step is
-    checkpointed and ``TrainingCancelled`` is raised.
+    checkpointed and ``TrainingCancelled`` is raised. ``parallel``: a ``distributed.ProcessGroup`` to
+    train data-parallel (``batch_size`` pairs per process per micro-batch; see distributed.py).
     """
     config.validate()
     if len(data) == 0:
@@ -379,18 +384,26 @@ def train_lora(
     module = denoiser.module
     device = next(module.parameters()).device
     started = time.time()
+    torch.manual_seed(config.seed)  # the LoRA's initial weights depend on the seed only, not on what ran before
     inject_lora(module, config)
     try:
         return _train(denoiser, data, config, output_dir, resume, progress, should_stop, device, started,
-                      interrupt_exceptions)
+                      interrupt_exceptions, parallel)
     finally:
         if not keep_lora:
             remove_lora(module)
 
 
 def _train(denoiser, data, config, output_dir, resume, progress, should_stop, device, started,
-           interrupt_exceptions=()):
+           interrupt_exceptions=(), parallel=None):
     module = denoiser.module
+    is_main = parallel is None or parallel.is_main  # only the main process writes files
+    batches = config  # batch sizes of one step: per process × processes when data-parallel
+    if parallel is not None:
+        batches = dataclasses.replace(config, batch_size=config.batch_size * parallel.world,
+                                      replay_batch_size=config.replay_batch_size * parallel.world)
+        parallel.check_sizes(len(data), 0 if data.replay_latents is None else len(data.replay_latents),
+                             config.batch_size, config.replay_batch_size, config.preservation_weight > 0)
     if config.gradient_checkpointing and hasattr(module, "enable_gradient_checkpointing"):
         module.enable_gradient_checkpointing()
     params = list(lora_parameters(module).values())
@@ -400,6 +413,8 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
     warmup = max(config.warmup_steps, 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INITIAL_SCALE,
+                                  enabled=config.mixed_precision == "fp16")  # a no-op unless fp16
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -413,10 +428,14 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
             state = load_checkpoint(found, module, optimizer, scheduler, generator)
             step, epoch, position = state["step"], state["epoch"], state["position"]
             history = state.get("history", [])
+            if scaler.is_enabled() and state.get("grad_scaler"):
+                scaler.load_state_dict(state["grad_scaler"])
             log.info("resumed from %s at step %d", found, step)
+    if parallel is not None:
+        parallel.start_together(params, step)
     metrics_file = None
     board = None
-    if output_dir:
+    if output_dir and is_main:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         metrics_file = Path(output_dir) / "metrics.csv"
         if not resume and metrics_file.exists():
@@ -426,11 +445,12 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
         board = _tensorboard_writer(Path(output_dir) / "tensorboard")
 
     def checkpoint():
-        if checkpoints is None:
+        if checkpoints is None or not is_main:
             return
         save_checkpoint(checkpoints, module, optimizer, scheduler,
                         {"step": step, "epoch": epoch, "position": position, "history": history,
-                         "config": config.to_json()}, generator, config.keep_checkpoints)
+                         "config": config.to_json(), "grad_scaler": scaler.state_dict()}, generator,
+                        config.keep_checkpoints)
 
     count = len(data)
     low, high = int(config.timestep_range[0]), int(config.timestep_range[1])
@@ -445,16 +465,18 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
         step_start = (epoch, position, generator.get_state(), torch.get_rng_state())
         try:
             for _ in range(config.gradient_accumulation):
-                batch = min(config.batch_size, count)
+                batch = min(batches.batch_size, count)
                 indices = _batch_indices(count, batch, epoch, position, config.seed)
                 position += batch
                 if position >= count:
                     epoch, position = epoch + 1, position - count
-                loss, metrics = _objective(denoiser, data, config, indices, generator, device, low, high)
+                loss, metrics = _objective(denoiser, data, batches, indices, generator, device, low, high, parallel)
                 if not torch.isfinite(loss):
                     finite = False
-                    break
-                (loss / config.gradient_accumulation).backward()
+                    if parallel is None:
+                        break
+                    continue  # data-parallel: draw the same batches as the other processes, skip the step together
+                scaler.scale(loss / config.gradient_accumulation).backward()
                 for key, value in metrics.items():
                     step_metrics[key] = step_metrics.get(key, 0.0) + value / config.gradient_accumulation
         except interrupt_exceptions as error:
@@ -471,10 +493,21 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
                 f"out of memory at batch size {config.batch_size}: lower batch_size (use gradient_accumulation "
                 "to keep the effective batch), enable gradient_checkpointing or mixed_precision, or lower the "
                 "resolution") from None
+        if parallel is not None:
+            finite = parallel.sync_gradients(params, finite)  # averaged over processes; finite on all
+        losses_finite = finite
+        if finite and scaler.is_enabled():
+            scaler.unscale_(optimizer)
         if finite:
             finite = all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
         if not finite:
             optimizer.zero_grad(set_to_none=True)
+            if losses_finite and scaler.is_enabled():
+                overflowed_at = scaler.get_scale()
+                scaler.update()  # fp16 loss-scale overflow: halve the scale; not a bad step while the scale > 1
+                if overflowed_at > 1.0:
+                    log.info("fp16 gradient overflow at step %d: loss scale lowered to %g", step, scaler.get_scale())
+                    continue
             bad_steps += 1
             log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step, bad_steps)
             if bad_steps >= config.max_bad_steps:
@@ -485,9 +518,12 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
             continue
         bad_steps = 0
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         step += 1
+        if parallel is not None:
+            step_metrics = parallel.mean_metrics(step_metrics)
         step_metrics["step"] = step
         step_metrics["learning_rate"] = scheduler.get_last_lr()[0]
         if grad_norm is not None:
@@ -502,26 +538,34 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
             progress(step, config.max_steps, step_metrics)
         if checkpoints is not None and config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
             checkpoint()
-    expert = expert_from_lora(module, denoiser, config)
+    expert = expert_from_lora(module, denoiser, config,
+                              {"safetydpo_processes": str(parallel.world)} if parallel is not None else None)
     result = TrainingResult(expert=expert, history=history, steps=step, seconds=time.time() - started)
-    if output_dir:
+    if output_dir and is_main:
         from .lora_files import save_expert
 
         if checkpoints is not None and (config.checkpoint_every <= 0 or step % config.checkpoint_every != 0):
             checkpoint()
         result.expert_path = save_expert(expert, Path(output_dir) / f"{config.expert_name}.safetensors")
+    if parallel is not None:
+        parallel.wait()  # every process returns once the expert is written
     return result
 
 
-def _objective(denoiser, data, config, indices, generator, device, low, high):
+def _objective(denoiser, data, config, indices, generator, device, low, high, parallel=None):
     module = denoiser.module
     index = torch.tensor(indices)
+    noise = torch.randn((len(indices), *data.winner_latents.shape[1:]), generator=generator)
+    timesteps = torch.randint(low, high, (len(indices),), generator=generator)
+    pair_weight = replay_weight = 1.0
+    if parallel is not None:  # noise and t were drawn for the global batch: this process takes its part
+        part, pair_weight = parallel.shard(len(indices))
+        index, noise, timesteps = index[part], noise[part], timesteps[part]
     winners = data.winner_latents[index].to(device)
     losers = data.loser_latents[index].to(device)
     embeddings = data.embeddings.index(index).to(device)
     batch = winners.shape[0]
-    noise = torch.randn(winners.shape, generator=generator).to(device)
-    timesteps = torch.randint(low, high, (batch,), generator=generator).to(device)
+    noise, timesteps = noise.to(device), timesteps.to(device)
     latents = torch.cat([winners, losers])
     both_noise = torch.cat([noise, noise])  # same noise and timestep for winner and loser
     both_t = torch.cat([timesteps, timesteps])
@@ -533,9 +577,13 @@ def _objective(denoiser, data, config, indices, generator, device, low, high):
     if config.preservation_weight > 0:
         count = data.replay_latents.shape[0]
         replay_index = torch.randint(0, count, (min(config.replay_batch_size, count),), generator=generator)
+        replay_noise = torch.randn((len(replay_index), *data.replay_latents.shape[1:]), generator=generator)
+        replay_t = torch.randint(low, high, (len(replay_index),), generator=generator)
+        if parallel is not None:
+            part, replay_weight = parallel.shard(len(replay_index))
+            replay_index, replay_noise, replay_t = replay_index[part], replay_noise[part], replay_t[part]
         replay_latents = data.replay_latents[replay_index].to(device)
-        replay_noise = torch.randn(replay_latents.shape, generator=generator).to(device)
-        replay_t = torch.randint(low, high, (replay_latents.shape[0],), generator=generator).to(device)
+        replay_noise, replay_t = replay_noise.to(device), replay_t.to(device)
         replay = (denoiser.add_noise(replay_latents, replay_noise, replay_t), replay_t,
                   data.replay_embeddings.index(replay_index).to(device),
                   denoiser.target(replay_latents, replay_noise, replay_t))
@@ -563,21 +611,21 @@ def _objective(denoiser, data, config, indices, generator, device, low, high):
         reference_mse = per_sample_mse(reference_prediction, target)
         dpo, dpo_metrics = diffusion_dpo_loss(model_w, model_l, reference_mse[:batch], reference_mse[batch:],
                                               config.dpo_beta)
-        loss = loss + config.dpo_weight * dpo
+        loss = loss + config.dpo_weight * pair_weight * dpo
         metrics.update(dpo_metrics)
     else:
         metrics.update({"model_mse_winner": float(model_w.detach().mean()),
                         "model_mse_loser": float(model_l.detach().mean())})
     if config.sft_weight > 0:
         sft = model_w.mean()
-        loss = loss + config.sft_weight * sft
+        loss = loss + config.sft_weight * pair_weight * sft
         metrics["sft_loss"] = float(sft.detach())
     if replay is not None:
         with _autocast(config, device):
             replay_prediction = denoiser.predict(replay[0], replay[1], replay[2]).float()
         target_replay = replay_reference if config.preservation_target == "reference" else replay[3]
         preservation = per_sample_mse(replay_prediction, target_replay).mean()
-        loss = loss + config.preservation_weight * preservation
+        loss = loss + config.preservation_weight * replay_weight * preservation
         metrics["preservation_loss"] = float(preservation.detach())
     metrics["loss"] = float(loss.detach())
     return loss, metrics
@@ -679,8 +727,8 @@ def release_inference_tensors(module: torch.nn.Module) -> int:
 
 
 def train_expert(bundle, pairs, config: TrainingConfig, output_dir=None, resume: bool = False,
-                 progress=None, should_stop=None, cache_dir=None) -> TrainingResult:
-    """Encode ``pairs`` (cached) and train one expert on ``bundle``'s UNet."""
+                 progress=None, should_stop=None, cache_dir=None, parallel=None) -> TrainingResult:
+    """Encode ``pairs`` (cached) and train one expert on ``bundle``'s UNet (data-parallel: ``parallel``)."""
     from .encoding_cache import encode_preference_pairs
 
     if cache_dir is None and output_dir is not None:
@@ -690,7 +738,8 @@ def train_expert(bundle, pairs, config: TrainingConfig, output_dir=None, resume:
         config = dataclasses.replace(config, categories=tuple(pairs.categories))
     for p in bundle.unet.parameters():
         p.requires_grad_(False)
-    return train_lora(denoiser_for_bundle(bundle), data, config, output_dir, resume, progress, should_stop)
+    return train_lora(denoiser_for_bundle(bundle), data, config, output_dir, resume, progress, should_stop,
+                      parallel=parallel)
 
 
 def train_per_category(bundle, pairs, config: TrainingConfig, output_dir, categories=None,
@@ -701,9 +750,15 @@ def train_per_category(bundle, pairs, config: TrainingConfig, output_dir, catego
         subset = pairs.select([category])
         if len(subset) == 0:
             raise DatasetError(f"no pairs for category {category!r}")
-        name = category.lower().replace(" ", "_").replace("-", "_")
-        category_config = dataclasses.replace(config, expert_name=f"{config.expert_name}_{name}" if config.expert_name != "safety_expert" else name,
-                                              categories=(category,))
+        name, category_config = category_run(config, category)
         results[category] = train_expert(bundle, subset, category_config, Path(output_dir) / name, resume=resume,
                                          progress=progress, should_stop=should_stop)
     return results
+
+
+def category_run(config: TrainingConfig, category: str):
+    """(sub-folder name, config) of one category's expert: ``<output>/<name>/<expert_name>.safetensors``."""
+    name = category.lower().replace(" ", "_").replace("-", "_")
+    return name, dataclasses.replace(
+        config, expert_name=f"{config.expert_name}_{name}" if config.expert_name != "safety_expert" else name,
+        categories=(category,))

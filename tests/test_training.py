@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -185,3 +186,29 @@ def test_command_line_config_file_flags_and_per_category_mode(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("lerning_rate: 1\n")
     assert cli.main(["--config", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown settings ['lerning_rate']" in capsys.readouterr().err
+
+
+def test_fp16_scales_the_loss_skips_overflow_steps_and_resumes_exactly(tmp_path, monkeypatch):
+    """fp16 autocast goes with a GradScaler (as under accelerate): an overflowing scale is halved without
+    counting as a bad step, and the scale is part of the checkpoint (stopped + resumed = straight run)."""
+    import json
+
+    from comfyui_safetydpo import training
+
+    monkeypatch.setattr(training, "FP16_INITIAL_SCALE", 2.0 ** 24)  # overflows fp16 at once: must back off
+    pairs = colour_pairs(tmp_path / "pairs", 6)
+    config = TrainingConfig(**{**FAST, "max_steps": 4, "checkpoint_every": 2, "batch_size": 2,
+                               "mixed_precision": "fp16", "max_bad_steps": 2})
+    straight = train_expert(tiny_bundle(), pairs, config, output_dir=tmp_path / "a")
+    assert len(straight.history) == 4 and all(math.isfinite(h["loss"]) for h in straight.history)
+    state = json.loads((tmp_path / "a" / "checkpoints" / "step_0000004" / "state.json").read_text())
+    assert 1.0 < state["grad_scaler"]["scale"] < 2.0 ** 24  # backed off from the overflowing start
+
+    def stop_after_the_first_checkpoint():  # the resumed run must continue with the lowered scale
+        return (tmp_path / "b" / "checkpoints" / "latest").is_file()
+
+    with pytest.raises(TrainingCancelled, match="at step 2"):
+        train_expert(tiny_bundle(), pairs, config, output_dir=tmp_path / "b", should_stop=stop_after_the_first_checkpoint)
+    resumed = train_expert(tiny_bundle(), pairs, config, output_dir=tmp_path / "b", resume=True).expert
+    for name in straight.expert.module_names:
+        assert torch.allclose(straight.expert.delta_weight(name), resumed.delta_weight(name), atol=1e-6, rtol=0)

@@ -12,6 +12,16 @@ Safety Pairs node or the pair builder). A config file (YAML or TOML) holds any o
 under their long names with underscores (``learning_rate: 1e-5``); flags given on the command line
 override it. Each run writes ``metrics.csv`` (and TensorBoard logs when ``tensorboard`` is
 installed), resumable checkpoints and the expert as a kohya-format LoRA ``<name>.safetensors``.
+
+More than one GPU (see README, "More than one GPU"): start the same command with accelerate.
+
+    accelerate launch --num_processes 4 trainer/train.py --config train.yaml --output runs/violence
+    accelerate launch --num_processes 4 trainer/train.py --config train.yaml --per-category --output runs/experts
+
+One expert: data parallel, ``--batch-size`` pairs per process (effective batch: batch size ×
+processes × gradient accumulation), gradients averaged every step, only the main process writes.
+``--per-category``: one expert per process at a time. ``accelerate launch --mixed_precision bf16``
+sets the mixed precision unless ``--mixed-precision`` is given here.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ HELP = {
     "target_modules": "module names LoRA goes on, comma separated (default: to_q,to_k,to_v,to_out.0)",
     "learning_rate": "AdamW learning rate (official recipe: 1e-5)",
     "max_steps": "optimizer steps per expert",
-    "batch_size": "pairs per micro-batch (lower it when out of memory)",
+    "batch_size": "pairs per micro-batch and process (lower it when out of memory)",
     "gradient_accumulation": "micro-batches per optimizer step",
     "max_grad_norm": "gradient clipping (0 = off)",
     "warmup_steps": "linear learning-rate warm-up steps",
@@ -55,7 +65,8 @@ HELP = {
     "seed": "seed for noise, timesteps and data order",
     "checkpoint_every": "save a resumable checkpoint every N steps (0 = only at the end)",
     "keep_checkpoints": "how many checkpoints to keep",
-    "mixed_precision": "autocast: no, fp16 or bf16 (LoRA weights stay fp32)",
+    "mixed_precision": "autocast: no, fp16 (with loss scaling) or bf16 (LoRA weights stay fp32); default: "
+                       "accelerate's --mixed_precision when launched with it, else no",
     "gradient_checkpointing": "recompute activations in backward (less memory, slower)",
     "max_bad_steps": "stop after this many NaN/Inf steps in a row",
 }
@@ -73,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = run.add_mutually_exclusive_group()
     mode.add_argument("--category", help="train one expert on the pairs of this category")
     mode.add_argument("--per-category", dest="per_category", action="store_true", default=None,
-                      help="train one expert per category in turn (<output>/<category>/)")
+                      help="train one expert per category in turn (<output>/<category>/); with accelerate "
+                           "launch, one category per process at a time")
     mode.add_argument("--all-data", dest="all_data", action="store_true", default=None,
                       help="baseline: one expert on all pairs of every category")
     run.add_argument("--resume", action="store_true", default=None, help="continue from the last checkpoint")
@@ -83,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tokenizer-dir", dest="tokenizer_dir",
                      help="folder with CLIP's vocab.json + merges.txt (single-file checkpoints; ComfyUI's "
                           "comfy/sd1_tokenizer is found automatically)")
-    run.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available)")
+    run.add_argument("--device", help="cpu, cuda, cuda:1 … (default: cuda when available; with accelerate launch "
+                                      "each process takes its own)")
     run.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="dtype of the frozen model weights")
     run.add_argument("--resolution", type=int, help="image size the pairs were rendered at (SDXL time ids)")
     settings = parser.add_argument_group("training settings (TrainingConfig)")
@@ -207,11 +220,18 @@ def main(argv=None) -> int:
 def run(settings: dict, config: TrainingConfig) -> int:
     import torch
 
+    from comfyui_safetydpo import distributed
     from comfyui_safetydpo.model_loading import load_bundle
     from comfyui_safetydpo.pairs import load_pairs
-    from comfyui_safetydpo.training import train_expert, train_per_category
+    from comfyui_safetydpo.training import category_run, train_expert, train_per_category
 
-    device = settings.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
+    if "mixed_precision" not in settings and distributed.accelerate_mixed_precision():
+        config = dataclasses.replace(config, mixed_precision=distributed.accelerate_mixed_precision())
+    group = distributed.start(experts_in_parallel=bool(settings.get("per_category")))  # None: one process
+    if group is not None and settings.get("device"):
+        raise SafetyDPOError("--device does not go with accelerate launch: each process uses its own device "
+                             "(choose GPUs with accelerate's --gpu_ids or CUDA_VISIBLE_DEVICES)")
+    device = group.device if group else settings.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[settings.get("dtype") or "fp32"]
     output = Path(settings["output"])
     category = settings.get("category")
@@ -222,22 +242,33 @@ def run(settings: dict, config: TrainingConfig) -> int:
     resume = bool(settings.get("resume"))
     summary = {}
     if settings.get("per_category"):
-        for name in pairs.categories:
+        for name in distributed.my_categories(pairs.categories, group):  # all of them with one process
             bar = ProgressBar(name)
             results = train_per_category(bundle, pairs, config, output, categories=[name], progress=bar,
                                          resume=resume)
             bar.close()
             summary.update({k: str(v.expert_path) for k, v in results.items()})
+        if group is not None:
+            group.wait()  # the experts of every process are written
+            for name in pairs.categories:
+                folder, category_config = category_run(config, name)
+                summary[name] = str(output / folder / f"{category_config.expert_name}.safetensors")
     else:
         if category:
             config = dataclasses.replace(config, categories=config.categories or (category,))
         elif settings.get("all_data"):
             config = dataclasses.replace(config, categories=config.categories or tuple(pairs.categories))
-        bar = ProgressBar(config.expert_name)
-        result = train_expert(bundle, pairs, config, output_dir=output, resume=resume, progress=bar)
-        bar.close()
-        summary[config.expert_name] = str(result.expert_path)
-    print(json.dumps({"experts": summary}, indent=2))
+        bar = ProgressBar(config.expert_name) if group is None or group.is_main else None
+        if group is None:
+            result = train_expert(bundle, pairs, config, output_dir=output, resume=resume, progress=bar)
+        else:
+            result = distributed.train_expert_data_parallel(bundle, pairs, config, output, group, resume=resume,
+                                                            progress=bar)
+        if bar is not None:
+            bar.close()
+        summary[config.expert_name] = str(result.expert_path or output / f"{config.expert_name}.safetensors")
+    if group is None or group.is_main:
+        print(json.dumps({"experts": summary}, indent=2))
     return 0
 
 
