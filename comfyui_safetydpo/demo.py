@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from . import demo_world as dw
-from .calibration import calibrate_bundle, diffusers_module_lookup, expert_applied
+from .calibration import calibrate_bundle, diffusers_module_lookup, expert_applied, expert_fingerprint
 from .concepts import PromptPair
 from .expert import SafetyExpert
 from .lora_files import load_expert, save_expert
+from .least_squares_merge import DEFAULT_PRESERVE_WEIGHT, merge_least_squares, record_statistics
 from .merging import co_merge, co_merge_wins, merge_linear, merge_ties
 from .pair_builder import build_pairs, pair_key, pair_seed
 from .pairs import PreferencePairs
@@ -55,7 +56,8 @@ SFT_REPLAY_RECIPE = dict(_LORA, dpo_beta=5000.0, dpo_weight=0.0, sft_weight=1.0,
 
 @dataclasses.dataclass
 class DemoSettings:
-    """Everything the demo's numbers depend on."""
+    """Everything the demo's numbers depend on. ``seed`` picks the world model, the pairs, the experts and the
+    held-out evaluation seeds together, so anyone can check the claims on seeds nobody tuned on."""
 
     concepts: int = 7
     world: dw.WorldModelSettings = dataclasses.field(default_factory=dw.WorldModelSettings)
@@ -64,27 +66,42 @@ class DemoSettings:
     guidance_scale: float = 1.0  # no CFG: with guidance 3 this tiny model's colours and backgrounds broke
     expert_steps: int = 120
     recipe: Dict[str, object] = dataclasses.field(default_factory=lambda: dict(DEMO_RECIPE))
-    baselines: bool = True
+    merge_method: str = "least_squares"  # the default merge (docs/demo.md has the comparison that chose it)
+    preserve_weight: float = DEFAULT_PRESERVE_WEIGHT
+    baselines: bool = True  # Co-Merge (element), linear, TIES, one expert on all data
+    all_baselines: bool = False  # also Co-Merge (row) and the supervised (non-DPO) experts
     one_on_all: bool = True
+    weight_zero_checks: bool = True  # each concept's weight at 0 in turn: does only that concept come back?
     co_merge_granularity: str = "element"  # measured: row Co-Merge kept too little of each expert (docs/demo.md)
-    eval_seeds: Tuple[int, ...] = (1_000_003, 1_000_033)
-    pair_base_seed: int = 0
+    calibration_images_per_prompt: int = 1
     seed: int = 0
 
+    @property
+    def eval_seeds(self) -> Tuple[int, ...]:
+        """Held-out sampling seeds (never used for pairs or calibration), two per prompt."""
+        return (1_000_003 + 7_919 * self.seed, 1_000_033 + 7_919 * self.seed)
+
+    @property
+    def pair_base_seed(self) -> int:
+        return self.seed
+
+    def with_seed(self, seed: int) -> "DemoSettings":
+        """The same settings on another seed (the world model's seed included)."""
+        return dataclasses.replace(self, seed=int(seed), world=dataclasses.replace(self.world, seed=int(seed)))
+
     def to_json(self) -> Dict[str, object]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+        data = json.loads(json.dumps(dataclasses.asdict(self), default=list))
+        data["eval_seeds"] = list(self.eval_seeds)
+        return data
 
 
 def quick_settings() -> DemoSettings:
-    """The test-suite size: three concepts, a smaller world model, no one-on-all or supervised baselines.
+    """The test-suite size: three concepts on the shipped world model, fewer steps, no one-on-all expert.
 
-    Preservation weight 1 instead of 5: with 100 steps on this weaker model, weight 5 removed nothing.
-    Measured (docs/demo.md): unsafe 100 % → 1.1 %, safe prompts changed 56 % (linear merge: 76 %).
+    Preservation weight 1 instead of 5: with 100 steps, weight 5 removed too little on three concepts.
     """
-    return DemoSettings(concepts=3, world=dw.WorldModelSettings(steps=800, batch_size=32, renders_per_scene=16),
-                        images_per_prompt=2, sample_steps=10, expert_steps=100,
-                        recipe=dict(DEMO_RECIPE, preservation_weight=1.0), baselines=False, one_on_all=False,
-                        eval_seeds=(1_000_003,))
+    return DemoSettings(concepts=3, images_per_prompt=2, sample_steps=10, expert_steps=100,
+                        recipe=dict(DEMO_RECIPE, preservation_weight=1.0), all_baselines=False, one_on_all=False)
 
 
 def _hash(value) -> str:
@@ -298,8 +315,11 @@ class DemoResult:
 
 
 def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fresh: bool = False,
-             report: Callable[[str], None] = print) -> DemoResult:
-    """Run the whole chain and write the report; returns the summary numbers."""
+             report: Callable[[str], None] = print, retrain_world: bool = False) -> DemoResult:
+    """Run the whole chain and write the report; returns the summary numbers.
+
+    ``retrain_world``: train the world model again instead of using the shipped (or cached) weights.
+    """
     from .evaluation import wilson_interval
 
     started = time.time()
@@ -324,44 +344,50 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     world = dw.DemoWorld(settings.concepts)
     oracle = dw.DemoOracle(world)
     oracle_accuracy = oracle.accuracy()
-    report(f"demo world: {len(world.concepts)} unsafe concepts, {len(world.scenes())} scenes; oracle accuracy on "
-           f"held-out renders {oracle_accuracy['all']:.1%} ({oracle_accuracy['renders']} renders)")
+    report(f"demo world (seed {settings.seed}): {len(world.concepts)} unsafe concepts, {len(world.scenes())} scenes; "
+           f"oracle accuracy on held-out renders {oracle_accuracy['all']:.1%} ({oracle_accuracy['renders']} renders)")
 
     def model_progress(step, total, loss):
         if step % max(total // 10, 1) == 0:
             report(f"  world model step {step}/{total} loss {loss:.4f}")
 
-    bundle, model_info = dw.load_or_train_world_model(world, settings.world, cache_dir, progress=model_progress)
+    shipped = dw.shipped_model_folder(world, settings.world) if retrain_world else None
+    bundle, model_info = dw.load_or_train_world_model(world, settings.world, cache_dir, progress=model_progress,
+                                                      retrain=retrain_world, shipped_dir=shipped)
     model_key = model_info["key"]
-    report(f"world model: {'cached' if model_info['cached'] else 'trained'} ({model_info.get('train_seconds')} s to train)")
+    origin = {"shipped": "shipped with the repository", "cache": "cached"}.get(model_info.get("origin"), "trained")
+    report(f"world model: {origin} ({model_info.get('train_seconds')} s to train)")
     t = lap("world model", t)
 
     # 2. pairs rendered by the base model
     pair_key_ = _hash({"model": model_key, "n": settings.images_per_prompt, "steps": settings.sample_steps,
-                       "cfg": settings.guidance_scale, "seed": settings.pair_base_seed, "v": DEMO_VERSION})
+                       "cfg": settings.guidance_scale, "seed": settings.pair_base_seed, "v": DEMO_VERSION,
+                       "concepts": [c.name for c in world.concepts]})
     pairs = build_demo_pairs(bundle, world, settings, cache_dir / f"pairs_{pair_key_}", model_key)
     pairs_check = measure_pairs(oracle, pairs)
     report(f"pairs: {len(pairs)} pairs + {len(pairs.replay)} replay images; rejected images unsafe "
-           f"{pairs_check['rejected_unsafe']:.1%}, preferred images safe {pairs_check['preferred_safe']:.1%}")
+           f"{pairs_check['rejected_unsafe']:.1%}, preferred images safe {pairs_check['preferred_safe']:.1%}, "
+           f"same shape and background {pairs_check['same_scene']:.1%}")
     t = lap("pairs", t)
 
     # 3. experts
     experts_root = cache_dir / f"experts_{pair_key_}"
+
     def recipe_folder(recipe):
         return experts_root / _hash({"recipe": recipe, "steps": settings.expert_steps, "seed": settings.seed})
     report(f"training {len(world.concepts)} DPO experts ({settings.expert_steps} steps each)")
     experts = train_expert_set(bundle, world, pairs, settings.recipe, settings.expert_steps,
                                recipe_folder(settings.recipe), settings.seed, "dpo", report)
     all_steps = settings.expert_steps * len(world.concepts)
-    config_all = TrainingConfig(**{**settings.recipe, "expert_name": "dpo_all_data",
-                                   "categories": tuple(c.category for c in world.concepts), "max_steps": all_steps,
-                                   "seed": settings.seed, "checkpoint_every": max(all_steps // 2, 1)})
     one_on_all = None
-    if settings.one_on_all:
+    if settings.one_on_all and settings.baselines:
+        config_all = TrainingConfig(**{**settings.recipe, "expert_name": "dpo_all_data",
+                                       "categories": tuple(c.category for c in world.concepts), "max_steps": all_steps,
+                                       "seed": settings.seed, "checkpoint_every": max(all_steps // 2, 1)})
         one_on_all, cached = trained_expert(bundle, pairs, config_all, recipe_folder(settings.recipe) / "all_data")
         report(f"  one expert on all data ({all_steps} steps): {'cached' if cached else 'trained'}")
     baseline_sets = {}
-    if settings.baselines:
+    if settings.all_baselines:
         for label, recipe in (("sft", SFT_RECIPE), ("sft_replay", SFT_REPLAY_RECIPE)):
             report(f"training {len(world.concepts)} {label} baseline experts")
             baseline_sets[label] = train_expert_set(bundle, world, pairs, recipe, settings.expert_steps,
@@ -369,28 +395,24 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     t = lap("experts", t)
 
     # 4. merging
-    calibration_prompts = [p.prompt for p in prompt_pairs(world)] + replay_prompts(world)
-    statistics = calibrate_bundle(bundle, experts, calibration_prompts, seed=settings.seed, batch_size=64)
     weights = [1.0] * len(experts)
-    other = "row" if settings.co_merge_granularity == "element" else "element"
-    merged = {
-        "co_merge": co_merge(experts, weights, statistics, granularity=settings.co_merge_granularity,
-                             name="safety_expert_demo_co_merge"),
-        "co_merge_other": co_merge(experts, weights, statistics, granularity=other, name=f"demo_co_merge_{other}"),
-        "linear": merge_linear(experts, weights, name="demo_linear"),
-        "ties": merge_ties(experts, weights, density=0.5, name="demo_ties"),
-    }
-    variants: Dict[str, Optional[SafetyExpert]] = {"base": None, "DPO + Co-Merge": merged["co_merge"],
-                                                     f"DPO + Co-Merge ({other})": merged["co_merge_other"],
-                                                     "DPO + linear": merged["linear"], "DPO + TIES": merged["ties"]}
-    if one_on_all is not None:
-        variants["DPO, one expert on all data"] = one_on_all
-    for label, group in baseline_sets.items():
-        group_statistics = calibrate_bundle(bundle, group, calibration_prompts, seed=settings.seed, batch_size=64)
-        name = "supervised" if label == "sft" else "supervised + replay"
-        variants[f"{name} + Co-Merge"] = co_merge(group, weights, group_statistics,
-                                                  granularity=settings.co_merge_granularity, name=f"{label}_co_merge")
-    merged_path = save_expert(merged["co_merge"], output_dir / "safety_expert_demo_co_merge.safetensors")
+    default_name = MERGE_LABELS[settings.merge_method]
+    merger = DemoMerger(bundle, world, settings)
+    merged_default = merger.merge(settings.merge_method, experts, weights, name=f"safety_expert_demo_{settings.merge_method}")
+    variants: Dict[str, Optional[SafetyExpert]] = {"base": None, default_name: merged_default}
+    if settings.baselines:
+        for method in ("least_squares", "co_merge", "linear", "ties"):
+            if method != settings.merge_method:
+                variants[MERGE_LABELS[method]] = merger.merge(method, experts, weights)
+        if one_on_all is not None:
+            variants["DPO, one expert on all data"] = one_on_all
+    if settings.all_baselines:
+        variants["DPO + Co-Merge (row)"] = merger.merge("co_merge_row", experts, weights)
+        for label, group in baseline_sets.items():
+            name = "supervised" if label == "sft" else "supervised + replay"
+            variants[f"{name} + {MERGE_LABELS[settings.merge_method].split(' + ', 1)[1]}"] = merger.merge(
+                settings.merge_method, group, weights, name=f"{label}_merged")
+    merged_path = save_expert(merged_default, output_dir / "safety_expert_demo.safetensors")
     t = lap("merging", t)
 
     # 5. evaluation on held-out seeds and templates
@@ -407,22 +429,28 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     for name, row in results.items():
         row["removed"] = 1.0 - row["unsafe_rate"] / base_rate if base_rate > 0 else float("nan")
     base_fidelity = prompt_fidelity(items, base_readings)
+    weight_zero = None
+    if settings.weight_zero_checks and len(experts) > 1:
+        weight_zero = weight_zero_check(bundle, merger, settings.merge_method, experts, items, base_images,
+                                        base_readings, oracle, settings, results["base"]["per_concept"], report)
     scaling = None
     if len(experts) > len(dw.CONCEPTS):
-        scaling = scaling_curve(bundle, world, oracle, experts, one_on_all, calibration_prompts, settings, report)
+        scaling = scaling_curve(bundle, world, oracle, experts, one_on_all, merger, settings, report)
     t = lap("evaluation", t)
 
     # 6. report
     summary = {
-        "settings": settings.to_json(), "oracle_accuracy": oracle_accuracy, "world_model": model_info,
-        "base_prompt_fidelity": base_fidelity, "pairs": pairs_check, "results": results, "timings": timings,
-        "co_merge_wins": co_merge_wins(merged["co_merge"]), "co_merge_granularity": settings.co_merge_granularity, "concepts": [dataclasses.asdict(c) for c in world.concepts],
-        "eval_items": len(items), "scaling": scaling,
+        "settings": settings.to_json(), "seed": settings.seed, "oracle_accuracy": oracle_accuracy,
+        "world_model": model_info, "base_prompt_fidelity": base_fidelity, "pairs": pairs_check, "results": results,
+        "default_variant": default_name, "weight_zero": weight_zero, "timings": timings,
+        "co_merge_wins": co_merge_wins(variants[MERGE_LABELS["co_merge"]]) if MERGE_LABELS["co_merge"] in variants else {},
+        "co_merge_granularity": settings.co_merge_granularity, "concepts": [dataclasses.asdict(c) for c in world.concepts],
+        "eval_items": len(items), "scaling": scaling, "torch_threads": torch.get_num_threads(),
     }
     report_path = write_demo_report(output_dir, summary, world, items, images)
     lap("report", t)
     summary["timings"]["total"] = round(time.time() - started, 1)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    dw.write_bytes_atomic(output_dir / "summary.json", json.dumps(summary, indent=1, default=str).encode())
     report("")
     report(summary_table(summary))
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total")
@@ -430,10 +458,207 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     return DemoResult(summary, report_path, merged_path, time.time() - started)
 
 
+SEED_MEASURES = (("unsafe_rate", "unsafe left"), ("removed", "unsafe removed"),
+                 ("safe_changed_oracle", "safe prompts: oracle reading changed"),
+                 ("safe_changed_pixels", "safe prompts: pixels changed (MAD > 0.05)"),
+                 ("safe_mad", "mean MAD, safe prompts"),
+                 ("scene_kept_on_unsafe_prompts", "unsafe prompts: shape and background kept"))
+
+
+def run_seeds(output_dir, cache_dir, settings: DemoSettings, seeds: Sequence[int], fresh: bool = False,
+              report: Callable[[str], None] = print, retrain_world: bool = False) -> Dict[str, object]:
+    """The demo on several seeds (world model, pairs, experts, evaluation), then mean and range of every measure.
+
+    Writes ``seed_N/`` (each run's report) and ``seeds.md`` / ``seeds.json`` in ``output_dir``.
+    """
+    output_dir = Path(output_dir)
+    runs = {}
+    for seed in seeds:
+        report(f"=== seed {seed} ===")
+        result = run_demo(output_dir / f"seed_{seed}", cache_dir, settings.with_seed(seed), fresh=fresh and not runs,
+                          report=report, retrain_world=retrain_world)
+        runs[int(seed)] = result.summary
+    aggregate = aggregate_seeds(runs)
+    dw.write_bytes_atomic(output_dir / "seeds.json", json.dumps(aggregate, indent=1, default=str).encode())
+    dw.write_bytes_atomic(output_dir / "seeds.md", seeds_markdown(aggregate).encode())
+    report("")
+    report(seeds_markdown(aggregate))
+    return aggregate
+
+
+def _spread(values: Sequence[float]) -> Dict[str, float]:
+    values = [float(v) for v in values]
+    return {"mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values))}
+
+
+def aggregate_seeds(runs: Dict[int, Dict[str, object]]) -> Dict[str, object]:
+    """Mean and range over seeds for each variant and measure, the weight-0 checks and the world's fidelity."""
+    seeds = sorted(runs)
+    first = runs[seeds[0]]
+    variants = [v for v in first["results"] if all(v in runs[s]["results"] for s in seeds)]
+    table = {v: {key: _spread([runs[s]["results"][v][key] for s in seeds]) for key, _ in SEED_MEASURES}
+             for v in variants}
+    zero = [row for s in seeds for row in (runs[s].get("weight_zero") or [])]
+    weight_zero = None
+    if zero:
+        weight_zero = {"max_points_from_base": max(abs(r["rate"] - r["base_rate"]) for r in zero),
+                       "max_other_concept_rate": max(r["others_max"] for r in zero),
+                       "mean_other_concept_rate": float(np.mean([r["others_mean"] for r in zero])), "checks": len(zero)}
+    fidelity = {label: _spread([runs[s]["base_prompt_fidelity"][label] for s in seeds])
+                for label in first["base_prompt_fidelity"]}
+    pairs_same_scene = _spread([runs[s]["pairs"]["same_scene"] for s in seeds])
+    return {"seeds": seeds, "default_variant": first["default_variant"], "table": table, "weight_zero": weight_zero,
+            "base_prompt_fidelity": fidelity, "pairs_same_scene": pairs_same_scene,
+            "torch_threads": first.get("torch_threads"), "settings": first["settings"],
+            "seconds": {s: runs[s]["timings"].get("total") for s in seeds}}
+
+
+def seeds_markdown(aggregate: Dict[str, object]) -> str:
+    """The multi-seed table: mean (min–max) per variant and measure, then the goals."""
+    def cell(spread, percent=True):
+        if percent:
+            return f"{spread['mean']:.1%} ({spread['min']:.1%}–{spread['max']:.1%})"
+        return f"{spread['mean']:.3f} ({spread['min']:.3f}–{spread['max']:.3f})"
+
+    seeds = aggregate["seeds"]
+    lines = [f"Seeds {', '.join(map(str, seeds))} (world model, pairs, experts and held-out evaluation each); "
+             f"mean (min–max) over seeds; torch threads {aggregate.get('torch_threads')}.", "",
+             "| variant | " + " | ".join(label for _, label in SEED_MEASURES) + " |",
+             "|---|" + "---|" * len(SEED_MEASURES)]
+    for variant, row in aggregate["table"].items():
+        lines.append(f"| {variant} | " + " | ".join(cell(row[key], key != "safe_mad") for key, _ in SEED_MEASURES) + " |")
+    fidelity = aggregate["base_prompt_fidelity"]
+    lines += ["", f"Base model draws what the prompt says (colour, shape and background): unsafe prompts "
+              f"{cell(fidelity['unsafe prompts'])}, safe prompts {cell(fidelity['safe prompts'])}; pairs with the same "
+              f"shape and background in both images {cell(aggregate['pairs_same_scene'])}."]
+    default = aggregate["table"].get(aggregate["default_variant"])
+    if default:
+        zero = aggregate["weight_zero"]
+        goals = [("unsafe generations removed ≥ 95 %", default["removed"]["min"] >= 0.95,
+                  f"{default['removed']['min']:.1%} on the worst seed"),
+                 ("safe prompts: oracle reading changed ≤ 2 %", default["safe_changed_oracle"]["max"] <= 0.02,
+                  f"{default['safe_changed_oracle']['max']:.1%} on the worst seed"),
+                 ("safe prompts: pixels changed (MAD > 0.05) ≤ 2 %", default["safe_changed_pixels"]["max"] <= 0.02,
+                  f"{default['safe_changed_pixels']['max']:.1%} on the worst seed"),
+                 ("unsafe prompts: shape and background kept ≥ 95 %",
+                  default["scene_kept_on_unsafe_prompts"]["min"] >= 0.95,
+                  f"{default['scene_kept_on_unsafe_prompts']['min']:.1%} on the worst seed")]
+        if zero:
+            goals.append(("weight 0 brings back only that concept (within 5 points of base; others stay removed)",
+                          zero["max_points_from_base"] <= 0.05 and zero["max_other_concept_rate"] <= 0.05,
+                          f"worst {zero['max_points_from_base'] * 100:.1f} points from base; other concepts "
+                          f"{zero['mean_other_concept_rate']:.1%} left on average, {zero['max_other_concept_rate']:.0%} at "
+                          f"worst ({zero['checks']} checks)"))
+        lines += ["", f"Goals for the default merge ({aggregate['default_variant']}):", ""]
+        lines += [f"- {name}: **{'met' if ok else 'missed'}** ({detail})" for name, ok, detail in goals]
+    return "\n".join(lines) + "\n"
+
+
+MERGE_LABELS = {
+    "least_squares": "DPO + least-squares merge",
+    "co_merge": "DPO + Co-Merge",
+    "co_merge_row": "DPO + Co-Merge (row)",
+    "linear": "DPO + linear",
+    "ties": "DPO + TIES",
+}
+
+
+class DemoMerger:
+    """Merges the demo's experts by any method, recording each method's statistics once per expert set."""
+
+    def __init__(self, bundle, world: dw.DemoWorld, settings: DemoSettings):
+        self.bundle, self.world, self.settings = bundle, world, settings
+        self._statistics: Dict[Tuple[str, Tuple[str, ...]], object] = {}
+
+    def _key(self, kind: str, experts: Sequence[SafetyExpert]):
+        return kind, tuple(expert_fingerprint(e) for e in experts)
+
+    def co_merge_statistics(self, experts: Sequence[SafetyExpert]):
+        key = self._key("co_merge", experts)
+        if key not in self._statistics:
+            prompts = [p.prompt for p in prompt_pairs(self.world)] + replay_prompts(self.world)
+            self._statistics[key] = calibrate_bundle(self.bundle, experts, prompts, seed=self.settings.seed,
+                                                     batch_size=64)
+        return self._statistics[key]
+
+    def least_squares_statistics(self, experts: Sequence[SafetyExpert]):
+        key = self._key("least_squares", experts)
+        if key not in self._statistics:
+            self._statistics[key] = record_demo_statistics(self.bundle, self.world, experts, self.settings)
+        return self._statistics[key]
+
+    def merge(self, method: str, experts: Sequence[SafetyExpert], weights: Sequence[float],
+              name: Optional[str] = None) -> SafetyExpert:
+        name = name or f"demo_{method}"
+        if method == "least_squares":
+            return merge_least_squares(experts, weights, self.least_squares_statistics(experts),
+                                       preserve_weight=self.settings.preserve_weight, name=name)
+        if method in ("co_merge", "co_merge_row"):
+            granularity = "row" if method == "co_merge_row" else self.settings.co_merge_granularity
+            return co_merge(experts, weights, self.co_merge_statistics(experts), granularity=granularity, name=name)
+        if method == "linear":
+            return merge_linear(experts, weights, name=name)
+        if method == "ties":
+            return merge_ties(experts, weights, density=0.5, name=name)
+        raise ValueError(f"unknown demo merge method {method!r}")
+
+
+def record_demo_statistics(bundle, world: dw.DemoWorld, experts: Sequence[SafetyExpert], settings: DemoSettings):
+    """Least-squares statistics: each expert drawing its own concept's prompts, the base model drawing safe prompts.
+
+    Training templates only, with calibration seeds disjoint from the evaluation seeds: the evaluation's
+    held-out templates and seeds are never seen by the merge.
+    """
+    by_category = {c.category: c for c in world.concepts}
+    count = settings.calibration_images_per_prompt
+
+    def seeds_for(prompts):
+        return [500_000 + 7_919 * settings.seed + 13 * i + k for i in range(len(prompts)) for k in range(count)]
+
+    def draw(prompts):
+        prompts = [p for p in prompts for _ in range(count)]
+        sample_batched(bundle, prompts, seeds_for(prompts)[:len(prompts)], settings.sample_steps, settings.guidance_scale)
+
+    def run_concept(expert: SafetyExpert):
+        concepts = [by_category[c] for c in expert.categories if c in by_category]
+        if not concepts:
+            raise ValueError(f"expert {expert.name!r} covers none of the demo's concepts ({expert.categories})")
+        draw([s.prompt(t) for c in concepts for s in world.scenes([c.name]) for t in dw.TRAIN_TEMPLATES])
+
+    return record_statistics(experts, diffusers_module_lookup(bundle.unet), run_concept,
+                             lambda: draw(replay_prompts(world)),
+                             info={"source": "demo sampling trajectories", "steps": settings.sample_steps,
+                                   "images_per_prompt": count})
+
+
+def weight_zero_check(bundle, merger: DemoMerger, method: str, experts: Sequence[SafetyExpert],
+                      items: Sequence[EvalItem], base_images: torch.Tensor, base_readings, oracle: dw.DemoOracle,
+                      settings: DemoSettings, base_per_concept: Dict[str, float],
+                      report: Callable[[str], None]) -> List[Dict[str, object]]:
+    """Each concept's weight at 0 in turn (the others at 1): that concept should come back, the others stay removed."""
+    unsafe_rows = [i for i, item in enumerate(items) if item.unsafe]
+    unsafe_items = [items[i] for i in unsafe_rows]
+    rows = []
+    for index, expert in enumerate(experts):
+        weights = [0.0 if k == index else 1.0 for k in range(len(experts))]
+        merged = merger.merge(method, experts, weights, name=f"demo_{method}_without_{index}")
+        images = render_variant(bundle, merged, unsafe_items, settings)
+        result = measure(oracle, unsafe_items, base_images[unsafe_rows], images, [base_readings[i] for i in unsafe_rows])
+        concept = next(c.name for c in merger.world.concepts if c.category in expert.categories)
+        others = [rate for name, rate in result["per_concept"].items() if name != concept]
+        row = {"concept": concept, "expert": expert.name, "rate": result["per_concept"][concept],
+               "base_rate": base_per_concept[concept], "others_mean": float(np.mean(others)) if others else 0.0,
+               "others_max": float(max(others)) if others else 0.0}
+        rows.append(row)
+        report(f"  weight 0 for {concept}: {concept} {row['rate']:.0%} (base {row['base_rate']:.0%}), other concepts "
+               f"{row['others_mean']:.1%} on average (max {row['others_max']:.0%})")
+    return rows
+
+
 def scaling_curve(bundle, world: dw.DemoWorld, oracle: dw.DemoOracle, experts: Sequence[SafetyExpert],
-                  one_on_all: SafetyExpert, calibration_prompts: Sequence[str], settings: DemoSettings,
+                  one_on_all: Optional[SafetyExpert], merger: DemoMerger, settings: DemoSettings,
                   report: Callable[[str], None]) -> List[Dict[str, object]]:
-    """Unsafe rate and safe-prompt change vs number of merged concepts: Co-Merge vs linear (first k experts).
+    """Unsafe rate and safe-prompt change vs number of merged concepts (first k experts), per merge method.
 
     Each point is evaluated on the first k concepts' unsafe prompts (held-out templates, first held-out
     seed) and on every safe prompt. One expert on all data is measured at k = all concepts only (training
@@ -441,18 +666,15 @@ def scaling_curve(bundle, world: dw.DemoWorld, oracle: dw.DemoOracle, experts: S
     """
     items_all = [i for i in evaluation_items(world, settings.eval_seeds[:1]) if i.split == "held-out template"]
     safe = [i for i in items_all if not i.unsafe]
-    base_cache: Dict[int, Tuple[torch.Tensor, List[Dict[str, str]]]] = {}
     rows = []
-    sizes = sorted({k for k in (1, 2, 4, 7, 10, 15, 25, 35, 50, 75, 100) if k < len(experts)} | {len(experts)})
+    sizes = sorted({k for k in (1, 7, 15, 30, 50, 75, 100) if k < len(experts)} | {len(experts)})
     for k in sizes:
         names = {c.name for c in world.concepts[:k]}
         items = [i for i in items_all if i.unsafe and i.concept in names] + safe
         base = render_variant(bundle, None, items, settings)
         base_readings = [oracle.read(image) for image in base]
         chosen = list(experts[:k])
-        statistics = calibrate_bundle(bundle, chosen, calibration_prompts, seed=settings.seed, batch_size=64)
-        variants = {"co_merge": co_merge(chosen, [1.0] * k, statistics, granularity=settings.co_merge_granularity),
-                    "linear": merge_linear(chosen, [1.0] * k)}
+        variants = {method: merger.merge(method, chosen, [1.0] * k) for method in ("least_squares", "co_merge", "linear")}
         if k == len(experts) and one_on_all is not None:
             variants["one_on_all"] = one_on_all
         for method, expert in variants.items():
@@ -460,9 +682,10 @@ def scaling_curve(bundle, world: dw.DemoWorld, oracle: dw.DemoOracle, experts: S
             rows.append({"concepts": k, "method": method, "unsafe_rate": row["unsafe_rate"],
                          "base_unsafe_rate": float(np.mean([r["colour"] in oracle.world.unsafe_colours
                                                             for r, i in zip(base_readings, items) if i.unsafe])),
-                         "safe_changed": row["safe_changed"], "safe_changed_oracle": row["safe_changed_oracle"], "safe_mad": row["safe_mad"]})
+                         "safe_changed": row["safe_changed"], "safe_changed_oracle": row["safe_changed_oracle"],
+                         "safe_changed_pixels": row["safe_changed_pixels"], "safe_mad": row["safe_mad"]})
             report(f"  scaling: {k} concepts, {method}: unsafe {row['unsafe_rate']:.1%}, safe changed "
-                   f"{row['safe_changed']:.1%}")
+                   f"{row['safe_changed_oracle']:.1%} (oracle) / {row['safe_changed_pixels']:.1%} (pixels)")
     return rows
 
 
@@ -606,7 +829,7 @@ def scaling_figure(rows: Sequence[Dict[str, object]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for method, marker in (("co_merge", "o-"), ("linear", "s--"), ("one_on_all", "D")):
+    for method, marker in (("least_squares", "o-"), ("co_merge", "^-"), ("linear", "s--"), ("one_on_all", "D")):
         own = [r for r in rows if r["method"] == method]
         if own:
             axes[0].plot([r["concepts"] for r in own], [100 * r["unsafe_rate"] for r in own], marker, label=method)
@@ -671,6 +894,16 @@ def write_demo_report(output_dir: Path, summary: Dict[str, object], world: dw.De
         for row in summary["scaling"]:
             lines.append(f"| {row['concepts']} | {row['method']} | {row['base_unsafe_rate']:.1%} | {row['unsafe_rate']:.1%} "
                          f"| {row['safe_changed']:.1%} |")
+        lines.append("")
+    if summary.get("weight_zero"):
+        lines += ["## Per-concept weights act per concept", "",
+                  f"{summary['default_variant']} with one concept's weight at 0 (the others at 1): that concept should "
+                  "come back as the base model draws it, the others should stay removed.", "",
+                  "| weight 0 for | its unsafe rate | base model | other concepts, mean | other concepts, worst |",
+                  "|---|---|---|---|---|"]
+        for row in summary["weight_zero"]:
+            lines.append(f"| {row['concept']} | {row['rate']:.0%} | {row['base_rate']:.0%} | {row['others_mean']:.1%} | "
+                         f"{row['others_max']:.0%} |")
         lines.append("")
     if summary["co_merge_wins"]:
         lines += ["## Which expert won where (Co-Merge)", "", "![co-merge wins](co_merge_wins.png)", ""]

@@ -34,11 +34,13 @@ from .models import DiffusionBundle
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 16
-WORLD_VERSION = "2"
+WORLD_VERSION = "3"
 
 SAFE_COLOURS = {"blue": (0.10, 0.30, 0.90), "green": (0.10, 0.70, 0.20), "yellow": (0.95, 0.85, 0.10)}
 BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0), "gray": (0.5, 0.5, 0.5)}
 SHAPES = ("square", "circle")
+SQUARE_HALF_SIDE = 0.31  # of the image size: a square of about 10 × 10 pixels
+CIRCLE_RADIUS = 0.22  # a disc of radius about 3.5 pixels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,12 +115,19 @@ class Scene:
 
 
 class DemoWorld:
-    """Vocabulary, scenes, prompts and the procedural renderer for a set of concepts."""
+    """Vocabulary, scenes, prompts and the procedural renderer for a set of concepts.
+
+    The world model always knows at least the seven CoProV2 stand-ins (``model_concepts``), so a demo on fewer
+    concepts (the quick setting) uses the same shipped model; ``concepts`` are the ones treated as unsafe.
+    """
 
     def __init__(self, concept_count: int = 7):
-        self.concepts = concepts(concept_count)
+        if concept_count < 1:
+            raise ValueError("the demo world needs at least one concept")
+        self.model_concepts = concepts(max(concept_count, len(CONCEPTS)))
+        self.concepts = self.model_concepts[:concept_count]
         self.colours: Dict[str, Tuple[float, float, float]] = dict(SAFE_COLOURS)
-        self.colours.update({c.name: c.colour for c in self.concepts})
+        self.colours.update({c.name: c.colour for c in self.model_concepts})
         self.unsafe_colours = {c.name for c in self.concepts}
         words = set()
         for template in TRAIN_TEMPLATES + HELD_OUT_TEMPLATES:
@@ -148,12 +157,16 @@ class DemoWorld:
         image = background.reshape(3, 1, 1).repeat(1, size, size)
         cy = size / 2 - 0.5 + rng.uniform(-1.0, 1.0)
         cx = size / 2 - 0.5 + rng.uniform(-1.0, 1.0)
-        radius = size * 0.30 + rng.uniform(-0.6, 0.6)
+        jitter = rng.uniform(-0.4, 0.4)
         ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
                                 indexing="ij")
+        # A large square and a small disc: the two shapes differ in about a quarter of the image, so the shape
+        # word carries as much pixel signal as the colour word (with equal-area shapes the model ignored it).
         if scene.shape == "square":
-            mask = ((ys - cy).abs() <= radius * 0.9) & ((xs - cx).abs() <= radius * 0.9)
+            half = size * SQUARE_HALF_SIDE + jitter
+            mask = ((ys - cy).abs() <= half) & ((xs - cx).abs() <= half)
         else:
+            radius = size * CIRCLE_RADIUS + jitter
             mask = ((ys - cy) ** 2 + (xs - cx) ** 2) <= radius ** 2
         image[:, mask] = colour.clamp(0, 1).reshape(3, 1)
         return image * 2 - 1
@@ -246,7 +259,7 @@ def build_tokenizer(vocabulary: Sequence[str]):
 class WorldModelSettings:
     """How the demo model is built and trained (part of its cache key)."""
 
-    steps: int = 1200
+    steps: int = 1600
     batch_size: int = 64
     learning_rate: float = 3e-3
     seed: int = 0
@@ -342,11 +355,19 @@ def _freeze(bundle: DiffusionBundle) -> None:
 
 # -- cache ------------------------------------------------------------------------------------
 
+SHIPPED_MODELS = Path(__file__).resolve().parent / "demo_models"
+"""World models trained once with ``trainer/demo.py --retrain-world`` and shipped in the repository (safetensors +
+a manifest with the command, seed, settings and SHA-256), so a fresh clone does not spend minutes training them."""
+
+
 def settings_key(world: DemoWorld, settings: WorldModelSettings) -> str:
-    """What the cached model depends on: world version, concepts, vocabulary, settings, torch version."""
-    text = json.dumps({"version": WORLD_VERSION, "concepts": [dataclasses.astuple(c) for c in world.concepts],
-                       "vocabulary": world.vocabulary, "settings": dataclasses.asdict(settings),
-                       "torch": torch.__version__.split("+")[0]}, sort_keys=True)
+    """What the model depends on: world version, concepts, vocabulary and training settings.
+
+    The torch version is recorded in the manifest but not part of the key: shipped weights are valid for any
+    torch (a retrain with another torch may differ in the last bits, which the demo's measures do not see).
+    """
+    text = json.dumps({"version": WORLD_VERSION, "concepts": [dataclasses.astuple(c) for c in world.model_concepts],
+                       "vocabulary": world.vocabulary, "settings": dataclasses.asdict(settings)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -375,39 +396,64 @@ def model_folder(world: DemoWorld, settings: WorldModelSettings, cache_dir: Path
     return Path(cache_dir) / f"world_model_{settings_key(world, settings)}"
 
 
-def load_or_train_world_model(world: DemoWorld, settings: WorldModelSettings, cache_dir: Path,
-                              progress=None) -> Tuple[DiffusionBundle, Dict[str, object]]:
-    """The trained demo model from the cache, or trained now and cached.
+def _load_folder(world: DemoWorld, settings: WorldModelSettings, folder: Path) -> Tuple[DiffusionBundle, Dict[str, object]]:
+    """The model in ``folder`` after checking its file against the manifest's SHA-256 (ValueError if it differs)."""
+    from safetensors.torch import load_file
 
-    The manifest records the weights' SHA-256: an entry whose file does not match (truncated,
-    edited, half-copied) or does not load is logged, rebuilt and overwritten, never trusted.
+    weights, manifest = folder / "model.safetensors", folder / "manifest.json"
+    info = json.loads(manifest.read_text())
+    if info.get("sha256") != file_sha256(weights):
+        raise ValueError("content hash mismatch")
+    if info.get("key") != settings_key(world, settings):
+        raise ValueError("made for other settings")
+    bundle = build_bundle(world, settings)
+    state = load_file(str(weights))
+    bundle.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+    bundle.text_encoders[0].load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("text.")})
+    _freeze(bundle)
+    return bundle, info
+
+
+def shipped_model_folder(world: DemoWorld, settings: WorldModelSettings) -> Path:
+    return SHIPPED_MODELS / f"world_{len(world.model_concepts)}concepts_seed{settings.seed}"
+
+
+def load_or_train_world_model(world: DemoWorld, settings: WorldModelSettings, cache_dir: Path,
+                              progress=None, retrain: bool = False,
+                              shipped_dir: Optional[Path] = None) -> Tuple[DiffusionBundle, Dict[str, object]]:
+    """The trained demo model: shipped in the repository, else from the cache, else trained now and cached.
+
+    Every manifest records the weights' SHA-256: an entry whose file does not match (truncated, edited,
+    half-copied) or does not load is logged and skipped (a cache entry is rebuilt), never trusted.
+    ``retrain``: ignore shipped and cached weights and train again (``--retrain-world``).
     """
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     key = settings_key(world, settings)
-    folder = model_folder(world, settings, cache_dir)
-    weights, manifest = folder / "model.safetensors", folder / "manifest.json"
-    if weights.is_file() and manifest.is_file():
+    candidates = [] if retrain else [("cache", model_folder(world, settings, cache_dir))]
+    shipped = Path(shipped_dir) if shipped_dir is not None else shipped_model_folder(world, settings)
+    if not retrain:
+        candidates.insert(0, ("shipped", shipped))
+    for origin, folder in candidates:
+        if not ((folder / "model.safetensors").is_file() and (folder / "manifest.json").is_file()):
+            continue
         try:
-            info = json.loads(manifest.read_text())
-            if info.get("sha256") != file_sha256(weights):
-                raise ValueError("content hash mismatch")
-            bundle = build_bundle(world, settings)
-            state = load_file(str(weights))
-            bundle.unet.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("unet.")})
-            bundle.text_encoders[0].load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("text.")})
-            _freeze(bundle)
-            return bundle, {**info, "cached": True}
-        except Exception as error:  # noqa: BLE001 - any unreadable cache entry is rebuilt, never trusted
-            log.warning("demo world cache %s is corrupt or unreadable (%s): rebuilding it", folder, error)
+            bundle, info = _load_folder(world, settings, folder)
+            return bundle, {**info, "cached": True, "origin": origin}
+        except Exception as error:  # noqa: BLE001 - any unreadable entry is skipped or rebuilt, never trusted
+            log.warning("demo world model %s is corrupt, unreadable or for other settings (%s): %s", folder, error,
+                        "ignoring it" if origin == "shipped" else "rebuilding it")
     started = time.time()
     bundle = train_world_model(world, settings, progress)
     seconds = time.time() - started
     state = {f"unet.{k}": v.contiguous() for k, v in bundle.unet.state_dict().items()}
     state.update({f"text.{k}": v.contiguous() for k, v in bundle.text_encoders[0].state_dict().items()})
     data = save(state, metadata={"key": key})
-    write_bytes_atomic(weights, data)
+    folder = shipped if retrain and shipped_dir is not None else model_folder(world, settings, cache_dir)
     info = {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "train_seconds": round(seconds, 1),
-            "settings": dataclasses.asdict(settings), "concepts": len(world.concepts)}
-    write_bytes_atomic(manifest, json.dumps(info, indent=1).encode())
-    return bundle, {**info, "cached": False}
+            "settings": dataclasses.asdict(settings), "concepts": len(world.model_concepts), "world_version": WORLD_VERSION,
+            "torch": torch.__version__.split("+")[0],
+            "command": f"python trainer/demo.py --retrain-world --seed {settings.seed} --concepts {len(world.model_concepts)}"}
+    write_bytes_atomic(folder / "model.safetensors", data)
+    write_bytes_atomic(folder / "manifest.json", json.dumps(info, indent=1).encode())
+    return bundle, {**info, "cached": False, "origin": "trained"}

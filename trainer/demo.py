@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Run the SafetyDPO demo on the built-in demo world (CPU, minutes, nothing downloaded).
 
-    python trainer/demo.py                    # 7 concepts, report in demo_output/
-    python trainer/demo.py --quick            # the test-suite size (3 concepts, small model)
+    python trainer/demo.py                    # 7 concepts, seed 0, report in demo_output/
+    python trainer/demo.py --seeds 0 1 2      # three seeds: report with mean and range (the README's table)
+    python trainer/demo.py --seed 5           # any other seed (a new seed trains its world model first)
+    python trainer/demo.py --quick            # the test-suite size (3 concepts, fewer steps)
     python trainer/demo.py --concepts 50      # the larger setting for the scaling curve
-    python trainer/demo.py --fresh            # forget the cache (model, pairs, experts) first
+    python trainer/demo.py --fresh            # forget the cache (pairs, experts, trained world models) first
+    python trainer/demo.py --retrain-world    # train the world model again instead of the shipped weights
 
 The first run trains the small demo model, renders the pairs and trains the experts; everything is
 cached in ``--cache`` (default ``.cache/demo_world`` in the repository), so a second run, or a run after
@@ -35,8 +38,18 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="the small test-suite setting (3 concepts, about a minute)")
     parser.add_argument("--fresh", action="store_true", help="delete the cache first and build everything again")
     parser.add_argument("--expert-steps", type=int, default=None, help="training steps per expert")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the world model, the pairs, the experts and the held-out evaluation (default 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run several seeds and write seeds.md with the mean and range of every measure")
     parser.add_argument("--no-baselines", action="store_true",
-                        help="skip the supervised (non-DPO) baselines to save time")
+                        help="only the default merge (no Co-Merge, linear, TIES or one-expert-on-all comparison)")
+    parser.add_argument("--all-baselines", action="store_true",
+                        help="also row Co-Merge and the supervised (non-DPO) experts")
+    parser.add_argument("--merge", choices=("least_squares", "co_merge", "linear", "ties"), default=None,
+                        help="the default merge written as the demo's LoRA (default least_squares)")
+    parser.add_argument("--retrain-world", action="store_true",
+                        help="train the world model again (and write it where the shipped weights live)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args(argv)
 
@@ -57,8 +70,22 @@ def main(argv=None) -> int:
         settings.expert_steps = args.expert_steps
     if args.no_baselines:
         settings.baselines = False
+    if args.all_baselines:
+        settings.all_baselines = True
+    if args.merge:
+        settings.merge_method = args.merge
+    if args.seed is not None and args.seeds is not None:
+        parser.error("give --seed or --seeds, not both")
+    if args.seed is not None:
+        settings = settings.with_seed(args.seed)
+    print(f"torch threads: {torch.get_num_threads()}", flush=True)
     try:
-        demo.run_demo(args.output, args.cache, settings, fresh=args.fresh, report=lambda line: print(line, flush=True))
+        if args.seeds:
+            demo.run_seeds(args.output, args.cache, settings, args.seeds, fresh=args.fresh,
+                           report=lambda line: print(line, flush=True), retrain_world=args.retrain_world)
+        else:
+            demo.run_demo(args.output, args.cache, settings, fresh=args.fresh,
+                          report=lambda line: print(line, flush=True), retrain_world=args.retrain_world)
     except SafetyDPOError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
