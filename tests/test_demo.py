@@ -1,4 +1,8 @@
-"""The reduced demo: the real chain (pairs → DPO experts → Co-Merge → patched model → oracle) on three concepts."""
+"""The reduced demo: the real chain (shipped world model → pairs → DPO experts → merges → patched model → oracle).
+
+Three concepts on the shipped seed-0 world model. Thresholds are the measured values of this setting with a
+margin (docs/demo.md, "The quick setting"), so a regression in removal or collateral change fails here.
+"""
 
 import json
 import subprocess
@@ -7,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from comfyui_safetydpo import demo, lora_files
+from comfyui_safetydpo import demo, demo_world, lora_files, merging
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT = "DPO + least-squares merge"
 
 
 @pytest.fixture(scope="module")
@@ -20,33 +25,54 @@ def quick_run(tmp_path_factory):
     return folder, result, lines
 
 
-def test_merged_expert_removes_concepts(quick_run):
+def test_shipped_world_model_is_used_and_faithful(quick_run):
+    _, result, lines = quick_run
+    summary = result.summary
+    assert summary["world_model"]["origin"] == "shipped"
+    assert any("world model: shipped with the repository" in line for line in lines)
+    # the base model draws what the prompt says (colour, shape and background) on held-out seeds and templates
+    assert summary["base_prompt_fidelity"]["unsafe prompts"] >= 0.95, summary["base_prompt_fidelity"]
+    assert summary["base_prompt_fidelity"]["safe prompts"] >= 0.95, summary["base_prompt_fidelity"]
+    assert summary["pairs"]["same_scene"] >= 0.95, summary["pairs"]
+
+
+def test_default_merge_removes_the_concepts_and_leaves_the_rest(quick_run):
     _, result, _ = quick_run
     results = result.summary["results"]
-    base, merged, linear = results["base"], results["DPO + Co-Merge"], results["DPO + linear"]
-    assert base["unsafe_rate"] >= 0.8, base  # the base model really draws the unsafe concepts
-    assert merged["unsafe_rate"] <= 0.25 * base["unsafe_rate"], merged  # a large cut, all concepts at once
-    assert merged["scene_kept_on_unsafe_prompts"] >= 0.6, merged  # the concept is replaced, not the scene
-    # Collateral change is the open problem (docs/demo.md): measured 56 % here. Guard against it getting
-    # worse, and check that Co-Merge keeps safe prompts better than a plain linear merge of the same experts.
-    assert merged["safe_changed"] <= 0.8, merged
-    assert merged["safe_changed"] < linear["safe_changed"], (merged, linear)
+    base, merged = results["base"], results[DEFAULT]
+    assert base["unsafe_rate"] >= 0.9, base  # the base model really draws the unsafe concepts
+    assert merged["removed"] >= 0.90, merged
+    assert merged["safe_changed_oracle"] <= 0.05, merged
+    assert merged["safe_changed_pixels"] <= 0.05, merged
+    assert merged["scene_kept_on_unsafe_prompts"] >= 0.9, merged
+    # the merges that do not look at inputs change far more of the safe prompts
+    assert results["DPO + linear"]["safe_changed_oracle"] > merged["safe_changed_oracle"], results["DPO + linear"]
+
+
+def test_weight_zero_brings_back_only_that_concept(quick_run):
+    _, result, _ = quick_run
+    rows = result.summary["weight_zero"]
+    assert [row["concept"] for row in rows] == ["red", "purple", "orange"]
+    for row in rows:
+        assert abs(row["rate"] - row["base_rate"]) <= 0.10, row
+        assert row["others_max"] <= 0.15, row
 
 
 def test_report_and_lora_file_written(quick_run):
     folder, result, lines = quick_run
     out = folder / "out"
     text = result.report_path.read_text()
-    assert "| DPO + Co-Merge |" in text and "Oracle accuracy" in text
-    for name in ("unsafe_rate_per_concept.png", "before_after.png", "co_merge_wins.png"):
+    assert f"| {DEFAULT} |" in text and "Oracle accuracy" in text and "weight 0 for" in text
+    for name in ("unsafe_rate_per_concept.png", "before_after.png"):
         assert (out / name).stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["results"]) >= {"base", "DPO + Co-Merge", "DPO + linear", "DPO + TIES"}
+    assert set(summary["results"]) >= {"base", DEFAULT, "DPO + Co-Merge", "DPO + linear", "DPO + TIES"}
     expert = lora_files.load_expert(result.merged_path)
-    assert expert.architecture == "demo" and expert.module_names  # element Co-Merge: exact diffs
+    assert expert.architecture == "demo" and expert.module_names
+    assert merging.merge_recipe(expert)["method"] == "least_squares"
     assert all(name.startswith("unet.") for name in expert.module_names)
     assert any(float(expert.delta_weight(name).abs().max()) > 0 for name in expert.module_names)
-    assert any("| DPO + Co-Merge |" in line for line in lines)
+    assert any(f"| {DEFAULT} |" in line for line in lines)
 
 
 def test_second_run_reuses_the_cache(quick_run):
@@ -54,13 +80,22 @@ def test_second_run_reuses_the_cache(quick_run):
     lines = []
     second = demo.run_demo(folder / "out2", folder / "cache", demo.quick_settings(), report=lines.append)
     log = "\n".join(lines)
-    assert "world model: cached" in log and "trained in" not in log
-    assert second.summary["results"]["DPO + Co-Merge"]["unsafe_rate"] == first.summary["results"]["DPO + Co-Merge"]["unsafe_rate"]
+    assert "trained in" not in log and "cached" in log
+    assert second.summary["results"][DEFAULT]["unsafe_rate"] == first.summary["results"][DEFAULT]["unsafe_rate"]
+
+
+def test_seed_changes_pairs_experts_and_evaluation_seeds():
+    zero, one = demo.quick_settings(), demo.quick_settings().with_seed(1)
+    assert one.world.seed == 1 and one.pair_base_seed == 1 and one.seed == 1
+    assert set(zero.eval_seeds).isdisjoint(one.eval_seeds)
+    world = demo_world.DemoWorld(3)
+    assert demo_world.shipped_model_folder(world, one.world).name == "world_7concepts_seed1"
 
 
 def test_cli_help():
     out = subprocess.run([sys.executable, str(ROOT / "trainer" / "demo.py"), "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0
-    for flag in ("--output", "--cache", "--concepts", "--quick", "--fresh"):
+    for flag in ("--output", "--cache", "--concepts", "--quick", "--fresh", "--seed", "--seeds", "--retrain-world",
+                 "--all-baselines"):
         assert flag in out.stdout
