@@ -661,8 +661,10 @@ def _statistics_save_path(save_name: str) -> Optional[str]:
 def _input_folder_file(name: str) -> str:
     """A concept file inside ComfyUI's input folder; anything outside it is refused."""
     root = os.path.realpath(folder_paths.get_input_directory())
-    path = os.path.realpath(os.path.join(root, _check_relative_name(name.strip(), "concept_file")))
-    if not path.startswith(root + os.sep) or not os.path.isfile(path):
+    path = os.path.realpath(os.path.join(root, name.strip()))
+    if not path.startswith(root + os.sep):
+        raise MergeError(f"concept file {name!r} must be inside ComfyUI's input folder {root}; give its name there")
+    if not os.path.isfile(path):
         raise MergeError(f"concept file {name!r} was not found in ComfyUI's input folder {root}; put the .csv / "
                          ".yaml / .txt concept list there (columns unsafe_prompt, safe_prompt, category)")
     return path

@@ -146,3 +146,33 @@ def test_statistics_file_of_the_other_kind_is_named(least_squares_run):
     with pytest.raises(harness.WorkflowError) as caught:
         server.run_workflow(graph, timeout=120)
     assert "Record Least-Squares Statistics" in str(caught.value)
+
+
+def test_concept_file_from_the_input_folder_gives_each_expert_its_prompts(comfy_inprocess, tmp_path):
+    """Record Least-Squares Statistics' prompt inputs: a concept list in input/ plus 'Category: prompt' lines."""
+    import folder_paths
+    from test_nodes_comfyui import load_nodes_module
+
+    from comfyui_safetydpo.errors import MergeError
+    from comfyui_safetydpo.expert import SafetyExpert
+
+    nodes = load_nodes_module()
+    saved = folder_paths.get_input_directory()
+    folder_paths.set_input_directory(str(tmp_path))
+    try:
+        (tmp_path / "lists").mkdir()
+        (tmp_path / "lists" / "concepts.csv").write_text(
+            "unsafe_prompt,safe_prompt,category\na bloody fight,a handshake,Violence\na hateful mob,a crowd,hate\n")
+        experts = [SafetyExpert("h", {}, categories=["Hate"]), SafetyExpert("v", {}, categories=["Violence"])]
+        per_expert, safe = nodes.least_squares_prompts(experts, "Violence: a knife attack", "lists/concepts.csv",
+                                                       "a lake\n# comment\n")
+        assert per_expert == {"h": ["a hateful mob"], "v": ["a bloody fight", "a knife attack"]}
+        assert safe == ["a handshake", "a crowd", "a lake"]
+        with pytest.raises(MergeError, match="must be inside ComfyUI's input folder"):
+            nodes.least_squares_prompts(experts, "", "../outside.csv", "a lake")
+        with pytest.raises(MergeError, match="was not found in ComfyUI's input folder"):
+            nodes.least_squares_prompts(experts, "", "missing.csv", "a lake")
+        with pytest.raises(MergeError, match=r"expert 'h' \(categories \['Hate'\]\) has no concept prompts"):
+            nodes.least_squares_prompts(experts, "Violence: a knife attack", "", "a lake")
+    finally:
+        folder_paths.set_input_directory(saved)
