@@ -37,12 +37,14 @@ except ImportError:  # outside ComfyUI (pytest importing the repository's __init
     folder_paths = None
 
 try:  # imported as part of the extension package (ComfyUI's custom_nodes loader)
-    from .comfyui_safetydpo import calibration, least_squares_merge, least_squares_statistics, lora_files, merging, unet_keys
+    from .comfyui_safetydpo import (calibration, least_squares_merge, least_squares_statistics, lora_files, merging,
+                                    unet_keys)
     from .comfyui_safetydpo.concepts import load_concept_file
     from .comfyui_safetydpo.errors import ArchitectureMismatchError, LoraFormatError, MergeError, SafetyDPOError
     from .comfyui_safetydpo.expert import SafetyExpert
 except ImportError:  # imported as a plain module (tests load this file directly)
-    from comfyui_safetydpo import calibration, least_squares_merge, least_squares_statistics, lora_files, merging, unet_keys
+    from comfyui_safetydpo import (calibration, least_squares_merge, least_squares_statistics, lora_files, merging,
+                                   unet_keys)
     from comfyui_safetydpo.concepts import load_concept_file
     from comfyui_safetydpo.errors import ArchitectureMismatchError, LoraFormatError, MergeError, SafetyDPOError
     from comfyui_safetydpo.expert import SafetyExpert

@@ -38,7 +38,8 @@ PLUGIN_DIR = Path(__file__).resolve().parents[1]
 if str(PLUGIN_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGIN_DIR))
 
-from comfyui_safetydpo import calibration, least_squares_merge, least_squares_statistics, lora_files, merging  # noqa: E402
+from comfyui_safetydpo import (calibration, least_squares_merge, least_squares_statistics, lora_files,  # noqa: E402
+                               merging)
 from comfyui_safetydpo.errors import SafetyDPOError  # noqa: E402
 
 STATISTICS_METHODS = ("co_merge", "least_squares")
@@ -260,7 +261,8 @@ def build_parser(statistics_only: bool) -> argparse.ArgumentParser:
         parser.add_argument("--method", default="co_merge", choices=STATISTICS_METHODS,
                             help="which merge the statistics are for (default %(default)s)")
     calib = parser.add_argument_group("calibration (Co-Merge statistics)")
-    calib.add_argument("--model", help="local diffusers pipeline folder of the base model (unet/, text_encoder/, ...)")
+    calib.add_argument("--model", help="the base model: local diffusers pipeline folder (unet/, text_encoder/, ...); "
+                                        "least_squares also takes a single-file .safetensors checkpoint")
     calib.add_argument("--prompts", help="calibration prompts of every category: .txt (one per line) or .csv")
     calib.add_argument("--timesteps", default=",".join(map(str, calibration.DEFAULT_TIMESTEPS)),
                        help="comma-separated timesteps (default %(default)s)")
