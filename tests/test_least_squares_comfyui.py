@@ -176,3 +176,34 @@ def test_concept_file_from_the_input_folder_gives_each_expert_its_prompts(comfy_
             nodes.least_squares_prompts(experts, "Violence: a knife attack", "", "a lake")
     finally:
         folder_paths.set_input_directory(saved)
+
+
+def test_comfy_recording_samples_with_the_expert_applied(comfy_inprocess, sd15_checkpoint):
+    """ComfyUI's sampler really runs with each expert added: on the same prompts, a layer downstream of the
+    expert's change sees other inputs than on the base model, a layer upstream of it the same; weights restored."""
+    import torch
+    from test_nodes_comfyui import load_nodes_module
+
+    from comfyui_safetydpo.expert import LoraModule, SafetyExpert
+
+    nodes = load_nodes_module()
+    model, clip, _ = comfy_inprocess.load_checkpoint(live_checkpoint(sd15_checkpoint))
+    modules = attention_modules(sd15_checkpoint)
+    key = next(m for m in sorted(modules) if m.endswith("attn2.to_k"))
+    out = key.replace("to_k", "to_out.0")
+    g = torch.Generator().manual_seed(0)
+    (o, i), (o2, i2) = modules[key], modules[out]
+    loras = {key: LoraModule(torch.randn(4, i, generator=g), torch.randn(o, 4, generator=g), 4.0),
+             out: LoraModule(torch.randn(4, i2, generator=g), torch.zeros(o2, 4), 4.0)}  # ΔW only on to_k
+    expert = SafetyExpert("probe", loras,
+                          architecture="sd15", categories=["Hate"])
+    weight = nodes.module_lookup_for(model, clip)(key).weight
+    before = weight.detach().clone()
+    prompts = ["a hateful mob", "a quiet lake"]
+    statistics = nodes.collect_comfy_least_squares_statistics(
+        model, clip, [expert], {"probe": prompts}, prompts, steps=2, cfg=1.0, sampler_name="euler",
+        scheduler="normal", width=64, height=64, images_per_prompt=1, seed=3)
+    assert torch.equal(weight, before)
+    assert torch.allclose(statistics.concept_gram[key], statistics.safe_gram[key], rtol=1e-5, atol=1e-6)  # text
+    difference = (statistics.concept_gram[out] - statistics.safe_gram[out]).norm() / statistics.safe_gram[out].norm()
+    assert difference > 0.2, float(difference)  # measured 0.58; 0 if the expert were not applied
