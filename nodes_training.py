@@ -77,13 +77,17 @@ def resolve_dataset_folder(name: str) -> Path:
     if text.startswith(("input/", "output/")):
         head, _, text = text.partition("/")
         roots = roots[:1] if head == "input" else roots[1:]
+    inside = False  # an absolute path (Build Safety Pairs' dataset_path output) is fine inside output/
     for root in roots:
         candidate = (root / text).resolve()
         root = root.resolve()
         if candidate != root and root not in candidate.parents:
-            raise DatasetError(f"pairs_folder {name!r} leaves ComfyUI's input/output folders; use a relative path")
+            continue
+        inside = True
         if (candidate / "manifest.json").is_file():
             return candidate
+    if not inside:
+        raise DatasetError(f"pairs_folder {name!r} leaves ComfyUI's input/output folders; use a relative path")
     raise DatasetError(f"no pairs dataset (manifest.json) at {name!r} under ComfyUI's input/ or output/ folder; "
                        "build one with the Build Safety Pairs node or trainer/build_pairs.py")
 

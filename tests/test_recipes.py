@@ -99,3 +99,24 @@ def test_train_node_recipe_choice(inprocess):
     PreferencePairs(root=plain, pairs=dataset.pairs, replay=[]).save(plain)
     with pytest.raises(DatasetError, match="no replay items.*replay_prompts"):
         run_node(nodes, model, clip, vae, pairs_folder="no_replay", recipe="preserving")
+
+
+def test_comfyui_builds_replay_items_and_trains_with_the_default_recipe(comfyui_server):
+    """Build Safety Pairs with replay_prompts, then Train Safety Expert with 'preserving' (its settings replace the
+    objective widgets, set to other values here), in one real graph."""
+    import comfyui_harness as harness
+
+    graph = harness.load_workflow("build_pairs_api.json")
+    graph["2"]["inputs"].update(dataset_name="test_replay_pairs", replay_prompts="# must not change\na quiet lake\n")
+    graph["4"] = {"class_type": "SafetyDPOTrainExpert", "inputs": {
+        "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "pairs_folder": ["2", 0], "expert_name": "replay_expert",
+        "category": "", "steps": 1, "learning_rate": 0.05, "batch_size": 1, "rank": 2, "alpha": 1.0, "dpo_beta": 1.0,
+        "sft_weight": 0.0, "preservation_weight": 0.0, "seed": 0, "checkpoint_every": 0, "resume": False,
+        "recipe": "preserving"}}
+    outputs = comfyui_server.run_workflow(graph, timeout=400)
+    assert "1 replay items" in outputs["2"]["text"][0]
+    dataset = load_pairs(comfyui_server.base_dir / "output" / "safety_pairs" / "test_replay_pairs")
+    assert [item.prompt for item in dataset.replay] == ["a quiet lake"]
+    expert = lora_files.load_expert(comfyui_server.base_dir / "models" / "safety_experts" / "replay_expert.safetensors")
+    recipe = json.loads(expert.metadata["safetydpo_recipe"])
+    assert (recipe["preservation_weight"], recipe["sft_weight"], recipe["dpo_beta"], recipe["rank"]) == (5.0, 1.0, 500.0, 4)
