@@ -1,4 +1,4 @@
-"""ComfyUI nodes for safety experts: load, merge (Co-Merge and baselines), calibrate, apply, save.
+"""ComfyUI nodes for safety experts: load, merge (Co-Merge, least squares, baselines), calibrate, apply, save.
 
 Thin layer: every node turns ComfyUI types (MODEL, CLIP, file names from dropdowns) into calls of
 the ``comfyui_safetydpo`` library. Shared helpers here are also used by the other node modules
@@ -29,17 +29,23 @@ import torch
 try:
     import comfy.lora
     import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
     import comfy.utils
     import folder_paths
 except ImportError:  # outside ComfyUI (pytest importing the repository's __init__.py): no nodes
     folder_paths = None
 
 try:  # imported as part of the extension package (ComfyUI's custom_nodes loader)
-    from .comfyui_safetydpo import calibration, lora_files, merging, unet_keys
+    from .comfyui_safetydpo import (calibration, least_squares_merge, least_squares_statistics, lora_files, merging,
+                                    unet_keys)
+    from .comfyui_safetydpo.concepts import load_concept_file
     from .comfyui_safetydpo.errors import ArchitectureMismatchError, LoraFormatError, MergeError, SafetyDPOError
     from .comfyui_safetydpo.expert import SafetyExpert
 except ImportError:  # imported as a plain module (tests load this file directly)
-    from comfyui_safetydpo import calibration, lora_files, merging, unet_keys
+    from comfyui_safetydpo import (calibration, least_squares_merge, least_squares_statistics, lora_files, merging,
+                                   unet_keys)
+    from comfyui_safetydpo.concepts import load_concept_file
     from comfyui_safetydpo.errors import ArchitectureMismatchError, LoraFormatError, MergeError, SafetyDPOError
     from comfyui_safetydpo.expert import SafetyExpert
 
@@ -48,14 +54,16 @@ log = logging.getLogger(__name__)
 SAFETY_EXPERT = "SAFETY_EXPERT"
 """Custom ComfyUI type: a tuple of ``ExpertChoice`` (experts with their per-concept weights)."""
 SAFETY_STATISTICS = "SAFETY_STATISTICS"
-"""Custom ComfyUI type: ``calibration.CalibrationStatistics`` for Co-Merge."""
+"""Custom ComfyUI type: ``calibration.CalibrationStatistics`` (Co-Merge) or
+``least_squares_merge.LayerInputStatistics`` (least squares); the merge refuses the wrong kind by name."""
 
 EXPERTS_FOLDER = "safety_experts"
 STATISTICS_SUBFOLDER = "statistics"
 LORAS_FOLDER = "loras"
 CATEGORY = "safetydpo"
 NO_STATISTICS = "none"
-MERGE_METHODS = ("co_merge", "linear", "svd", "ties", "dare", "dare_ties", "magnitude_prune")
+MERGE_METHODS = ("co_merge", "least_squares", "linear", "svd", "ties", "dare", "dare_ties", "magnitude_prune")
+STATISTICS_METHODS = ("co_merge", "least_squares")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,9 +313,9 @@ def _load_choice(choice_name: str, weight: float) -> ExpertChoice:
         tensors_metadata = lora_files.read_safetensors(path)[1]
     except LoraFormatError as error:
         raise LoraFormatError(f"{choice_name}: {error}") from None
-    if tensors_metadata.get("safetydpo_kind") == calibration.STATISTICS_KIND:
+    if tensors_metadata.get("safetydpo_kind") in (calibration.STATISTICS_KIND, least_squares_merge.STATISTICS_KIND):
         raise LoraFormatError(
-            f"{choice_name} is a Co-Merge statistics file, not an expert; choose it in the 'statistics_file' "
+            f"{choice_name} is a merge statistics file, not an expert; choose it in the 'statistics_file' "
             "input of Merge Safety Experts")
     try:
         expert = lora_files.load_expert(path)
@@ -388,7 +396,9 @@ class MergeSafetyExperts:
                 "method": (list(MERGE_METHODS), {
                     "default": "co_merge",
                     "tooltip": "co_merge: per output unit keep the most active expert (needs statistics); "
-                               "linear: weighted sum (exact); svd: weighted sum truncated to 'rank'; ties / dare "
+                               "least_squares: per layer the update that reproduces each expert on its own "
+                               "concept's prompts and changes nothing on safe prompts (needs Record Least-Squares "
+                               "Statistics); linear: weighted sum (exact); svd: weighted sum truncated to 'rank'; ties / dare "
                                "/ dare_ties / magnitude_prune: sparsified sums (peft)."}),
                 "rank": ("INT", {
                     "default": 0, "min": 0, "max": 1024,
@@ -408,12 +418,19 @@ class MergeSafetyExperts:
                 "name": ("STRING", {"default": "safety_merged",
                                     "tooltip": "Name of the merged expert (stored in its metadata)."}),
                 "statistics_file": (statistics_file_choices(), {
-                    "tooltip": "Co-Merge statistics saved by Compute Co-Merge Statistics (models/safety_experts/"
-                               "statistics/). Ignored when the 'statistics' input is connected."}),
+                    "tooltip": "Statistics saved by Compute Co-Merge Statistics (co_merge) or Record Least-Squares "
+                               "Statistics (least_squares) in models/safety_experts/statistics/. Ignored when the "
+                               "'statistics' input is connected."}),
             },
             "optional": {
                 "statistics": (SAFETY_STATISTICS, {
-                    "tooltip": "Co-Merge statistics from a Compute Co-Merge Statistics node."}),
+                    "tooltip": "Statistics from Compute Co-Merge Statistics (co_merge) or Record Least-Squares "
+                               "Statistics (least_squares)."}),
+                "preserve_weight": ("FLOAT", {
+                    "default": least_squares_merge.DEFAULT_PRESERVE_WEIGHT, "min": 0.0, "max": 1000.0, "step": 0.1,
+                    "tooltip": "least_squares only (λ): how much keeping safe-prompt images unchanged counts against "
+                               "reproducing each expert on its own concept's prompts. Higher = less change on safe "
+                               "prompts, possibly weaker removal; 0 = only the concepts count."}),
             },
         }
 
@@ -424,27 +441,26 @@ class MergeSafetyExperts:
     CATEGORY = f"{CATEGORY}/experts"
     DESCRIPTION = ("Merges safety experts into one. Co-Merge (the SafetyDPO paper's method) keeps, for each "
                    "output unit, only the expert that is most active on calibration prompts, scaled by its "
-                   "weight; it needs statistics from Compute Co-Merge Statistics. Linear, SVD, TIES and DARE "
-                   "are the usual baselines.")
+                   "weight; it needs statistics from Compute Co-Merge Statistics. Least squares solves, per layer, "
+                   "for the update that acts like each expert on its own concept's prompts and like the base model "
+                   "on safe prompts (weight 0 keeps that concept as the base model draws it); it needs Record "
+                   "Least-Squares Statistics. Linear, SVD, TIES and DARE are the usual baselines.")
 
     def merge(self, experts, method, rank, granularity, density, drop_seed, name, statistics_file,
-              statistics=None):
+              statistics=None, preserve_weight=least_squares_merge.DEFAULT_PRESERVE_WEIGHT):
         seed = int(drop_seed)
         chain = _check_chain(experts)
         if method not in MERGE_METHODS:
             raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
-        if method == "co_merge" and statistics is None:
-            if statistics_file in (None, "", NO_STATISTICS):
-                raise MergeError(
-                    "Co-Merge needs calibration statistics: connect a Compute Co-Merge Statistics node to "
-                    "'statistics' or choose a statistics file, or pick another method (e.g. linear)")
-            statistics = load_statistics_file(statistics_file)
-        options = {"co_merge": {"granularity": granularity}, "ties": {"density": density},
+        if method in STATISTICS_METHODS and statistics is None:
+            statistics = _statistics_from_file(method, statistics_file)
+        options = {"co_merge": {"granularity": granularity}, "least_squares": {"preserve_weight": preserve_weight},
+                   "ties": {"density": density},
                    "dare": {"density": density, "seed": seed}, "dare_ties": {"density": density, "seed": seed},
                    "magnitude_prune": {"density": density}}.get(method, {})
         target_rank = int(rank) if rank else None
         merged = merging.merge_experts([c.expert for c in chain], [c.weight for c in chain], method,
-                                       statistics=statistics if method == "co_merge" else None,
+                                       statistics=statistics if method in STATISTICS_METHODS else None,
                                        rank=target_rank, name=(name or "safety_merged").strip(), **options)
         if not merged.categories:
             merged.categories = sorted({c for choice in chain if choice.weight > 0 for c in choice.expert.categories})
@@ -455,6 +471,19 @@ class MergeSafetyExperts:
         return {"ui": {"text": [text]}, "result": (result, recipe)}
 
 
+def _statistics_from_file(method: str, statistics_file: str):
+    """The chosen statistics file for a statistics-based merge, or a message saying which node makes it."""
+    if statistics_file in (None, "", NO_STATISTICS):
+        if method == "least_squares":
+            raise MergeError(
+                "the least-squares merge needs layer statistics: connect a Record Least-Squares Statistics node to "
+                "'statistics' or choose a statistics file, or pick another method (e.g. linear)")
+        raise MergeError(
+            "Co-Merge needs calibration statistics: connect a Compute Co-Merge Statistics node to "
+            "'statistics' or choose a statistics file, or pick another method (e.g. linear)")
+    return load_statistics_file(statistics_file)
+
+
 def _recipe_summary(recipe_json: str) -> str:
     try:
         recipe = json.loads(recipe_json)
@@ -463,19 +492,25 @@ def _recipe_summary(recipe_json: str) -> str:
     parts = [f"method {recipe.get('method')}"]
     if "wins_overall" in recipe:
         parts.append("share of units won: " + ", ".join(f"{k} {v:.0%}" for k, v in recipe["wins_overall"].items()))
+    if "preserve_weight" in recipe:
+        parts.append(f"preserve weight λ {recipe['preserve_weight']:g}")
     if "svd_relative_error" in recipe:
         parts.append(f"SVD relative error {recipe['svd_relative_error']:.3g}")
     return "; ".join(parts)
 
 
-def load_statistics_file(name: str) -> calibration.CalibrationStatistics:
-    """A statistics file chosen in a dropdown (relative to models/safety_experts)."""
+def load_statistics_file(name: str):
+    """A statistics file chosen in a dropdown (relative to models/safety_experts); its kind is read from the file."""
     normalized = _check_relative_name(name, "statistics file")
     path = folder_paths.get_full_path(EXPERTS_FOLDER, normalized)
     if path is None:
         raise MergeError(f"statistics file {name!r} was not found in models/{EXPERTS_FOLDER}; compute it with "
-                         "Compute Co-Merge Statistics (save_name) and choose it again")
+                         "Compute Co-Merge Statistics or Record Least-Squares Statistics (save_name) and choose it "
+                         "again")
     try:
+        kind = lora_files.read_safetensors(path)[1].get("safetydpo_kind")
+        if kind == least_squares_merge.STATISTICS_KIND:
+            return least_squares_merge.LayerInputStatistics.load(path)
         return calibration.CalibrationStatistics.load(path)
     except SafetyDPOError as error:
         raise type(error)(f"{name}: {error}") from None
@@ -532,13 +567,7 @@ class ComputeCoMergeStatistics:
             raise MergeError(f"timesteps {timesteps!r} must be whole numbers separated by commas") from None
         if not steps or any(not 0 <= t <= 999 for t in steps):
             raise MergeError(f"timesteps {timesteps!r}: give one or more values between 0 and 999")
-        save_path = None
-        if save_name and save_name.strip():
-            relative = _check_relative_name(save_name.strip(), "save_name")
-            if not relative.endswith(".safetensors"):
-                relative += ".safetensors"
-            root = folder_paths.get_folder_paths(EXPERTS_FOLDER)[0]
-            save_path = os.path.join(root, STATISTICS_SUBFOLDER, relative)
+        save_path = _statistics_save_path(save_name)
         experts_list = [c.expert for c in chain]
         for choice in chain:  # fit check first: clear messages instead of shape errors mid-run
             expert_patches(choice.expert, model, clip, choice.source)
@@ -619,6 +648,164 @@ def collect_comfy_statistics(model, clip, experts: Sequence[SafetyExpert], promp
         run_model, experts, module_lookup_for(model, clip),
         info={"timesteps": list(timesteps), "prompts": len(prompts), "width": width, "height": height,
               "seed": int(seed), "source": "ComfyUI"})
+
+
+def _statistics_save_path(save_name: str) -> Optional[str]:
+    """models/safety_experts/statistics/<save_name>.safetensors, or None when no name is given."""
+    if not (save_name and save_name.strip()):
+        return None
+    relative = _check_relative_name(save_name.strip(), "save_name")
+    if not relative.endswith(".safetensors"):
+        relative += ".safetensors"
+    return os.path.join(folder_paths.get_folder_paths(EXPERTS_FOLDER)[0], STATISTICS_SUBFOLDER, relative)
+
+
+def _input_folder_file(name: str) -> str:
+    """A concept file inside ComfyUI's input folder; anything outside it is refused."""
+    root = os.path.realpath(folder_paths.get_input_directory())
+    path = os.path.realpath(os.path.join(root, name.strip()))
+    if not path.startswith(root + os.sep):
+        raise MergeError(f"concept file {name!r} must be inside ComfyUI's input folder {root}; give its name there")
+    if not os.path.isfile(path):
+        raise MergeError(f"concept file {name!r} was not found in ComfyUI's input folder {root}; put the .csv / "
+                         ".yaml / .txt concept list there (columns unsafe_prompt, safe_prompt, category)")
+    return path
+
+
+def least_squares_prompts(experts: Sequence[SafetyExpert], concept_prompts: str, concept_file: str,
+                          safe_prompts: str):
+    """(prompts per expert name, safe prompts) from 'Category: prompt' lines, a concept file and safe lines."""
+    pairs = ()
+    if concept_file and concept_file.strip():
+        extra = sorted({c for e in experts for c in e.categories})
+        pairs = load_concept_file(_input_folder_file(concept_file), extra_categories=extra)
+    safe_lines = [line.strip() for line in str(safe_prompts or "").splitlines()
+                  if line.strip() and not line.strip().startswith("#")]
+    prompts = least_squares_statistics.merge_prompts(pairs, concept_prompts, safe_lines,
+                                                     source="Record Least-Squares Statistics concept_prompts")
+    return least_squares_statistics.prompts_per_expert(experts, prompts.concept), prompts.safe
+
+
+def collect_comfy_least_squares_statistics(model, clip, experts: Sequence[SafetyExpert],
+                                           expert_prompts: Dict[str, Sequence[str]], safe_prompts: Sequence[str],
+                                           steps: int, cfg: float, sampler_name: str, scheduler: str, width: int,
+                                           height: int, images_per_prompt: int, seed: int, negative_prompt: str = ""):
+    """``least_squares_merge.record_statistics`` with ComfyUI's own sampler on the graph's MODEL and CLIP.
+
+    Each expert is applied in turn while its concept's prompts are sampled (``images_per_prompt`` images per
+    prompt, noise from ``seed``); then the base model samples the safe prompts. Weights are restored exactly.
+    """
+    text_experts = any(e.has_text_encoder for e in experts)
+    cache: Dict[str, object] = {}
+
+    def encode(text: str):
+        if text_experts:  # an expert on the text encoder changes the conditioning: encode while it is applied
+            return clip.encode_from_tokens_scheduled(clip.tokenize(text), show_pbar=False)
+        if text not in cache:
+            cache[text] = clip.encode_from_tokens_scheduled(clip.tokenize(text), show_pbar=False)
+        return cache[text]
+
+    runs = sum(len(p) for p in expert_prompts.values()) + len(safe_prompts)
+    progress = comfy.utils.ProgressBar(runs)
+    done = [0]
+
+    def draw(prompts: Sequence[str]) -> None:
+        negative = encode(negative_prompt)
+        for prompt in prompts:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            latent = torch.zeros([int(images_per_prompt), 4, int(height) // 8, int(width) // 8])
+            latent = comfy.sample.fix_empty_latent_channels(model, latent)
+            noise = comfy.sample.prepare_noise(latent, int(seed))
+            comfy.sample.sample(model, noise, int(steps), float(cfg), sampler_name, scheduler, encode(prompt),
+                                negative, latent, denoise=1.0, disable_pbar=True, seed=int(seed))
+            done[0] += 1
+            progress.update_absolute(done[0])
+
+    if not text_experts:
+        for text in [negative_prompt, *safe_prompts, *(p for ps in expert_prompts.values() for p in ps)]:
+            encode(text)
+    # The base MODEL is loaded first, so sampling never re-patches weights while an expert is added in place.
+    comfy.model_management.load_models_gpu([model])
+    info = {"source": "ComfyUI", "steps": int(steps), "cfg": float(cfg), "sampler": sampler_name,
+            "scheduler": scheduler, "width": int(width), "height": int(height),
+            "images_per_prompt": int(images_per_prompt), "seed": int(seed),
+            "concept_prompts": {k: len(v) for k, v in expert_prompts.items()}, "safe_prompts": len(safe_prompts)}
+    return least_squares_merge.record_statistics(
+        experts, module_lookup_for(model, clip), lambda expert: draw(expert_prompts[expert.name]),
+        lambda: draw(safe_prompts), info)
+
+
+class RecordLeastSquaresStatistics:
+    """Record Least-Squares Statistics: sample each expert's concept prompts with it applied, safe prompts without."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The checkpoint the experts were trained on (it is sampled)."}),
+                "clip": ("CLIP", {"tooltip": "The checkpoint's CLIP, to encode the prompts."}),
+                "experts": (SAFETY_EXPERT, {"tooltip": "The experts to merge (chain of Load Safety Expert); each "
+                                                       "draws the prompts of the categories it records."}),
+                "concept_prompts": ("STRING", {
+                    "multiline": True, "default": "",
+                    "tooltip": "Unsafe prompts of each expert's concept, one 'Category: prompt' per line (e.g. "
+                               "'Violence: a bloody street fight'); # starts a comment. Added to concept_file."}),
+                "concept_file": ("STRING", {
+                    "default": "",
+                    "tooltip": "Optional concept list in ComfyUI's input folder (.csv / .yaml / .txt with "
+                               "unsafe_prompt, safe_prompt, category): unsafe prompts go to the experts of their "
+                               "category, safe rewrites to the safe prompts."}),
+                "safe_prompts": ("STRING", {
+                    "multiline": True, "default": "",
+                    "tooltip": "Prompts whose images must not change, one per line (besides the concept file's "
+                               "safe rewrites)."}),
+                "steps": ("INT", {"default": least_squares_statistics.DEFAULT_STEPS, "min": 1, "max": 200,
+                                  "tooltip": "Sampling steps per image (the layer inputs of every step count)."}),
+                "cfg": ("FLOAT", {"default": least_squares_statistics.DEFAULT_GUIDANCE, "min": 0.0, "max": 30.0,
+                                  "step": 0.1, "tooltip": "Classifier-free guidance, as you sample with the model."}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampler, as in KSampler."}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Scheduler, as in KSampler."}),
+                "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Image width."}),
+                "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Image height."}),
+                "images_per_prompt": ("INT", {"default": least_squares_statistics.DEFAULT_IMAGES_PER_PROMPT,
+                                              "min": 1, "max": 64, "tooltip": "Images drawn per prompt."}),
+                "sampling_seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1,
+                                          "tooltip": "Noise seed (the same for every prompt and expert)."}),
+                "save_name": ("STRING", {
+                    "default": "",
+                    "tooltip": "If set, also save to models/safety_experts/statistics/<save_name>.safetensors "
+                               "for re-merging with other weights or λ without this node."}),
+            },
+        }
+
+    RETURN_TYPES = (SAFETY_STATISTICS, "STRING")
+    RETURN_NAMES = ("statistics", "summary")
+    OUTPUT_TOOLTIPS = ("Per-layer input statistics for the least-squares merge.", "What was recorded.")
+    FUNCTION = "record"
+    CATEGORY = f"{CATEGORY}/experts"
+    DESCRIPTION = ("Records what the least-squares merge needs: the layer inputs while the model, with one expert "
+                   "applied at a time, samples that expert's own concept prompts, and while the base model samples "
+                   "safe prompts. Connect it to Merge Safety Experts (method least_squares). Weights are restored "
+                   "exactly afterwards.")
+
+    def record(self, model, clip, experts, concept_prompts, concept_file, safe_prompts, steps, cfg, sampler_name,
+               scheduler, width, height, images_per_prompt, sampling_seed, save_name):
+        chain = _check_chain(experts)
+        experts_list = [c.expert for c in chain]
+        save_path = _statistics_save_path(save_name)
+        per_expert, safe = least_squares_prompts(experts_list, concept_prompts, concept_file, safe_prompts)
+        for choice in chain:  # fit check first: clear messages instead of shape errors mid-run
+            expert_patches(choice.expert, model, clip, choice.source)
+        statistics = collect_comfy_least_squares_statistics(
+            model, clip, experts_list, per_expert, safe, steps, cfg, sampler_name, scheduler, width, height,
+            images_per_prompt, sampling_seed)
+        if save_path:
+            statistics.save(save_path)
+        counts = ", ".join(f"{name} {len(p)}" for name, p in per_expert.items())
+        summary = (f"least-squares statistics of {len(experts_list)} experts (concept prompts: {counts}; safe prompts: "
+                   f"{len(safe)}; {images_per_prompt} images × {steps} steps, cfg {cfg}, seed {sampling_seed})"
+                   + (f"; saved to {save_path}" if save_path else ""))
+        return {"ui": {"text": [summary]}, "result": (statistics, summary)}
 
 
 class ApplySafetyExperts:
@@ -711,6 +898,7 @@ NODE_CLASS_MAPPINGS = {
     "SafetyDPOLoadExpert": LoadSafetyExpert,
     "SafetyDPOMergeExperts": MergeSafetyExperts,
     "SafetyDPOComputeCoMergeStatistics": ComputeCoMergeStatistics,
+    "SafetyDPORecordLeastSquaresStatistics": RecordLeastSquaresStatistics,
     "SafetyDPOApplyExperts": ApplySafetyExperts,
     "SafetyDPOSaveLora": SaveSafetyLora,
 } if folder_paths is not None else {}
@@ -719,6 +907,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SafetyDPOLoadExpert": "Load Safety Expert",
     "SafetyDPOMergeExperts": "Merge Safety Experts",
     "SafetyDPOComputeCoMergeStatistics": "Compute Co-Merge Statistics",
+    "SafetyDPORecordLeastSquaresStatistics": "Record Least-Squares Statistics",
     "SafetyDPOApplyExperts": "Apply Safety Experts",
     "SafetyDPOSaveLora": "Save Safety LoRA",
 }

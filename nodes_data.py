@@ -124,7 +124,10 @@ class BuildSafetyPairs:
                 "width": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Image width (SD1.5: 512, SDXL: 1024)."}),
                 "height": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip": "Image height."}),
                 "negative_prompt": ("STRING", {"default": "", "multiline": False, "tooltip": "Negative prompt for both images of every pair."}),
-            }
+            },
+            "optional": {
+                "replay_prompts": ("STRING", {"multiline": True, "default": "", "tooltip": "Safe prompts whose images must not change, one per line: rendered as the base model's own images (replay items), which the trainer's preservation term (recipe 'preserving') keeps unchanged. Lines starting with # are ignored."}),
+            },
         }
 
     RETURN_TYPES = ("STRING", "IMAGE")
@@ -142,7 +145,7 @@ class BuildSafetyPairs:
     )
 
     def build(self, model, clip, vae, dataset_name, prompt_pairs, prompt_file, categories, limit, images_per_prompt,
-              seed, steps, cfg, sampler_name, scheduler, width, height, negative_prompt):
+              seed, steps, cfg, sampler_name, scheduler, width, height, negative_prompt, replay_prompts=""):
         folder = dataset_folder(dataset_name)
         if prompt_file.strip():
             pairs = load_concept_file(input_file(prompt_file))
@@ -169,14 +172,16 @@ class BuildSafetyPairs:
                    "renderer": "comfyui"}
         dataset = build_pairs(renderer, pairs, folder, images_per_prompt=int(images_per_prompt), base_seed=int(seed),
                               model_info=model_info, sampler_settings=sampler, should_stop=should_stop,
-                              progress=lambda done, count: bar.update_absolute(done, count))
+                              progress=lambda done, count: bar.update_absolute(done, count),
+                              replay_prompts=[line.strip() for line in (replay_prompts or "").splitlines()
+                                              if line.strip() and not line.strip().startswith("#")])
         preview = []
         for pair in dataset.pairs[:PREVIEW_PAIRS]:
             for relative in (pair.rejected_image, pair.preferred_image):
                 preview.append(load_image_tensor(dataset.image_path(relative)))
         images = ((torch.stack(preview) + 1.0) / 2.0).movedim(1, -1).clamp(0, 1)
         text = (f"{len(dataset)} pairs ({dataset.info.get('rendered_now', 0)} prompt pairs rendered now) in {folder}; "
-                f"categories {dataset.category_counts()}")
+                f"categories {dataset.category_counts()}; {len(dataset.replay)} replay items")
         log.info("Build Safety Pairs: %s", text)
         return {"ui": {"text": [text], "dataset_path": [str(folder)]}, "result": (str(folder), images)}
 

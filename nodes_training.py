@@ -26,7 +26,7 @@ except ImportError:  # outside ComfyUI (pytest importing the repository's __init
     folder_paths = None
 
 try:  # imported as part of the extension package
-    from .comfyui_safetydpo import unet_keys
+    from .comfyui_safetydpo import recipes, unet_keys
     from .comfyui_safetydpo.encoding_cache import encode_preference_pairs, module_fingerprint
     from .comfyui_safetydpo.errors import DatasetError, TrainingCancelled, TrainingError
     from .comfyui_safetydpo.lora_files import save_expert
@@ -36,7 +36,7 @@ try:  # imported as part of the extension package
                                              train_lora)
     from .nodes import EXPERTS_FOLDER, SAFETY_EXPERT, ExpertChoice, model_architecture, register_model_folders
 except ImportError:  # imported as a plain module (tests)
-    from comfyui_safetydpo import unet_keys
+    from comfyui_safetydpo import recipes, unet_keys
     from comfyui_safetydpo.encoding_cache import encode_preference_pairs, module_fingerprint
     from comfyui_safetydpo.errors import DatasetError, TrainingCancelled, TrainingError
     from comfyui_safetydpo.lora_files import save_expert
@@ -77,13 +77,17 @@ def resolve_dataset_folder(name: str) -> Path:
     if text.startswith(("input/", "output/")):
         head, _, text = text.partition("/")
         roots = roots[:1] if head == "input" else roots[1:]
+    inside = False  # an absolute path (Build Safety Pairs' dataset_path output) is fine inside output/
     for root in roots:
         candidate = (root / text).resolve()
         root = root.resolve()
         if candidate != root and root not in candidate.parents:
-            raise DatasetError(f"pairs_folder {name!r} leaves ComfyUI's input/output folders; use a relative path")
+            continue
+        inside = True
         if (candidate / "manifest.json").is_file():
             return candidate
+    if not inside:
+        raise DatasetError(f"pairs_folder {name!r} leaves ComfyUI's input/output folders; use a relative path")
     raise DatasetError(f"no pairs dataset (manifest.json) at {name!r} under ComfyUI's input/ or output/ folder; "
                        "build one with the Build Safety Pairs node or trainer/build_pairs.py")
 
@@ -209,13 +213,17 @@ class TrainSafetyExpertDPO:
             "optional": {
                 "mixed_precision": (["auto", "no", "fp16", "bf16"], {"default": "auto", "tooltip":
                                     "Autocast of the UNet (LoRA weights stay fp32). auto: the model's own dtype."}),
+                "recipe": ([*recipes.RECIPES, recipes.CUSTOM], {"default": recipes.DEFAULT_RECIPE, "tooltip":
+                           "Training preset; it sets rank, alpha, learning_rate, dpo_beta, sft_weight and "
+                           "preservation_weight (those widgets count only with 'custom'). " +
+                           " ".join(f"{k}: {v}." for k, v in recipes.DESCRIPTIONS.items())}),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     def train(self, model, clip, vae, pairs_folder, expert_name, category, steps, learning_rate, batch_size, rank,
               alpha, dpo_beta, sft_weight, preservation_weight, seed, checkpoint_every, resume,
-              mixed_precision="auto", unique_id=None):
+              mixed_precision="auto", recipe=recipes.CUSTOM, unique_id=None):
         name = _safe_name(expert_name)
         folder = resolve_dataset_folder(pairs_folder)
         categories = [category.strip()] if category and category.strip() else None
@@ -232,11 +240,13 @@ class TrainSafetyExpertDPO:
         dtype = base.get_dtype()
         precision = mixed_precision if mixed_precision != "auto" else \
             {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no")
-        config = TrainingConfig(
-            expert_name=name, categories=tuple(categories or pairs.categories), rank=rank, alpha=alpha,
-            learning_rate=learning_rate, max_steps=steps, batch_size=batch_size, dpo_beta=dpo_beta,
-            sft_weight=sft_weight, preservation_weight=preservation_weight, seed=seed,
-            checkpoint_every=checkpoint_every, mixed_precision=precision)
+        widgets = dict(rank=rank, alpha=alpha, learning_rate=learning_rate, dpo_beta=dpo_beta, sft_weight=sft_weight,
+                       preservation_weight=preservation_weight)  # an API graph without 'recipe' means its widgets
+        preset = recipes.recipe_settings(recipe) if recipe != recipes.CUSTOM else widgets
+        config = TrainingConfig(**preset, expert_name=name, categories=tuple(categories or pairs.categories),
+                                max_steps=steps, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
+                                mixed_precision=precision)
+        recipes.require_replay(config, pairs, "" if recipe == recipes.CUSTOM else recipe, f"pairs folder {pairs_folder!r}")
         encoder = ComfyEncoder(model, clip, vae)
         identity = module_fingerprint(unet, getattr(vae, "first_stage_model", None),
                                       label=f"comfy|{architecture}|{kind}")

@@ -11,6 +11,8 @@ recorded as JSON in ``expert.metadata["safetydpo_recipe"]`` (read it with ``merg
   activation on calibration inputs (see ``calibration``).
 - ``merge_svd``, ``merge_ties``, ``merge_dare``, ``merge_magnitude_prune``: baselines; TIES, DARE and
   magnitude pruning use ``peft.utils.merge_utils`` on the ΔW tensors.
+- ``least_squares`` (``least_squares_merge.merge_least_squares``): per layer, the ΔW that reproduces each
+  expert on its own concept's recorded inputs and the base model on safe inputs; exact, rank Σ r_k.
 - ``merge_experts``: one dispatcher for nodes and the command line.
 
 Nothing is half-merged: every check runs before the first module is merged.
@@ -31,7 +33,7 @@ from .expert import LoraModule, SafetyExpert
 
 log = logging.getLogger(__name__)
 
-METHODS = ("co_merge", "linear", "svd", "ties", "dare", "dare_ties", "magnitude_prune")
+METHODS = ("co_merge", "least_squares", "linear", "svd", "ties", "dare", "dare_ties", "magnitude_prune")
 RECIPE_KEY = "safetydpo_recipe"
 
 
@@ -440,6 +442,7 @@ def merge_magnitude_prune(experts, weights=None, density: float = 0.5, rank: Opt
 
 _OPTIONS = {
     "co_merge": {"granularity"},
+    "least_squares": {"preserve_weight", "ridge"},
     "linear": set(),
     "svd": set(),
     "ties": {"density", "majority_sign_method"},
@@ -449,14 +452,36 @@ _OPTIONS = {
 }
 
 
+STATISTICS_FOR_METHOD = {"co_merge": "Co-Merge calibration statistics (Compute Co-Merge Statistics, or "
+                                     "`trainer/merge.py statistics`)",
+                         "least_squares": "least-squares layer-input statistics (Record Least-Squares Statistics, "
+                                          "or `trainer/merge.py statistics --method least_squares`)"}
+
+
+def _check_statistics_kind(method: str, statistics) -> None:
+    """A clear MergeError when the statistics object was made for the other statistics-based method."""
+    from .least_squares_merge import LayerInputStatistics
+
+    expected = {"co_merge": CalibrationStatistics, "least_squares": LayerInputStatistics}.get(method)
+    if statistics is None or expected is None or isinstance(statistics, expected):
+        return
+    other = next((m for m, kind in (("co_merge", CalibrationStatistics), ("least_squares", LayerInputStatistics))
+                  if isinstance(statistics, kind)), None)
+    got = f"statistics for method {other!r}" if other else f"a {type(statistics).__name__}"
+    raise MergeError(f"method {method!r} needs {STATISTICS_FOR_METHOD[method]}, but was given {got}; "
+                     f"record the statistics for {method!r} or choose method {other or 'linear'!r}")
+
+
 def merge_experts(experts: Sequence[SafetyExpert], weights: Optional[Sequence[float]] = None,
-                  method: str = "co_merge", statistics: Optional[CalibrationStatistics] = None,
+                  method: str = "co_merge", statistics=None,
                   rank: Optional[int] = None, name: Optional[str] = None, **options) -> SafetyExpert:
     """One entry point for nodes and the command line: ``method`` is one of ``METHODS``.
 
     ``rank``: target rank for element Co-Merge and the SVD/TIES/DARE/magnitude results (None = exact
     diffs; ``svd`` defaults to 8); ignored by ``linear`` and row Co-Merge, which are exact low rank.
-    ``options``: ``granularity`` (co_merge), ``density``, ``seed``, ``majority_sign_method``.
+    ``options``: ``granularity`` (co_merge), ``preserve_weight`` and ``ridge`` (least_squares), ``density``,
+    ``seed``, ``majority_sign_method``. ``statistics``: ``calibration.CalibrationStatistics`` for co_merge,
+    ``least_squares_merge.LayerInputStatistics`` for least_squares (the wrong kind is a MergeError).
     """
     if method not in METHODS:
         raise MergeError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
@@ -466,6 +491,13 @@ def merge_experts(experts: Sequence[SafetyExpert], weights: Optional[Sequence[fl
                          f"it takes {sorted(_OPTIONS[method]) or 'no options'}")
     options = {k: v for k, v in options.items() if v is not None}
     name = name or f"merged_{method}"
+    _check_statistics_kind(method, statistics)
+    if method == "least_squares":
+        from .least_squares_merge import DEFAULT_PRESERVE_WEIGHT, DEFAULT_RIDGE, merge_least_squares
+
+        return merge_least_squares(experts, weights, statistics,
+                                   float(options.get("preserve_weight", DEFAULT_PRESERVE_WEIGHT)),
+                                   float(options.get("ridge", DEFAULT_RIDGE)), name)
     if method == "co_merge":
         granularity = options.get("granularity", "row")
         return co_merge(experts, weights, statistics, granularity, rank if granularity == "element" else None, name)

@@ -108,7 +108,8 @@ def test_pair_builder_and_trainer_take_the_shards(tmp_path, shard, monkeypatch, 
     model = save_tiny_diffusers_folder("sd15", tmp_path / "model")
     cli = load_train_cli()
     assert cli.main(["--model", str(model), "--pairs", str(clean), "--output", str(tmp_path / "run"),
-                     "--max-steps", "1", "--batch-size", "1", "--per-category", "--checkpoint-every", "0"]) == 0
+                     "--max-steps", "1", "--batch-size", "1", "--per-category", "--checkpoint-every", "0",
+                     "--recipe", "safetydpo"]) == 0
     written = json.loads(capsys.readouterr().out)["experts"]
     assert set(written) == {"Hate", "Harassment", "Self-harm"}
     assert (clean / "manifest.json").is_file() and len(load_pairs(clean)) == 2

@@ -162,5 +162,5 @@ def test_checker_finds_broken_workflows(comfyui_server):
     workflow["links"][0][4] += 1
     problems = "\n".join(check_ui_workflow(workflow, info))
     assert "'NoSuchNode' is not listed" in problems
-    assert "SafetyDPOMergeExperts): 8 widget values for 7 widgets" in problems
+    assert "SafetyDPOMergeExperts): 9 widget values for 8 widgets" in problems
     assert "does not point back" in problems

@@ -165,7 +165,7 @@ def test_command_line_config_file_flags_and_per_category_mode(tmp_path, capsys):
     PreferencePairs(root=tmp_path / "pairs", pairs=pairs).save(tmp_path / "pairs")
     config = tmp_path / "train.yaml"
     config.write_text(f"model: {model}\npairs: {tmp_path / 'pairs'}\nmax_steps: 50\nbatch_size: 2\n"
-                      "learning_rate: 0.001\ncheckpoint_every: 0\nexpert_name: cli\n")
+                      "learning_rate: 0.001\ncheckpoint_every: 0\nexpert_name: cli\nrecipe: safetydpo\n")
     cli = load_train_cli()
     assert cli.main(["--config", str(config), "--output", str(tmp_path / "one"), "--max-steps", "2",
                      "--category", "Violence"]) == 0

@@ -10,8 +10,17 @@ Run from the plugin folder (``ComfyUI/custom_nodes/safetydpo``) with ComfyUI's P
     python trainer/merge.py statistics hate.safetensors violence.safetensors \\
         --model path/to/diffusers_pipeline --prompts prompts.txt --output stats.safetensors
 
+    # least-squares merge: record layer inputs by sampling each expert's own concept prompts (from a
+    # concept list: unsafe_prompt,safe_prompt,category) and safe prompts, then merge (λ = --preserve-weight)
+    python trainer/merge.py statistics hate.safetensors violence.safetensors --method least_squares \\
+        --model path/to/sd15 --concepts concepts.csv --safe-prompts safe.txt --output ls_stats.safetensors
+    python trainer/merge.py hate.safetensors violence.safetensors --weights 1,1 --method least_squares \\
+        --statistics ls_stats.safetensors --preserve-weight 1 --output merged.safetensors
+
 Methods: co_merge (granularity row = exact LoRA of rank Σ r_k, or element = exact diffs / SVD at
---rank), linear (exact), svd (--rank), ties, dare, dare_ties, magnitude_prune (--density, --seed;
+--rank), least_squares (per layer the ΔW that reproduces each expert on its own concept's inputs and the
+base model on safe inputs; exact LoRA of rank Σ r_k; weight 0 keeps that concept as the base model draws
+it), linear (exact), svd (--rank), ties, dare, dare_ties, magnitude_prune (--density, --seed;
 diffs, or SVD at --rank). The result is a kohya-key LoRA with explicit alpha, loadable by ComfyUI's
 LoraLoader, with the merge recipe in its metadata. Statistics depend only on the experts and the
 model, so re-merging with new weights needs no model pass.
@@ -29,8 +38,11 @@ PLUGIN_DIR = Path(__file__).resolve().parents[1]
 if str(PLUGIN_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGIN_DIR))
 
-from comfyui_safetydpo import calibration, lora_files, merging  # noqa: E402
+from comfyui_safetydpo import (calibration, least_squares_merge, least_squares_statistics, lora_files,  # noqa: E402
+                               merging)
 from comfyui_safetydpo.errors import SafetyDPOError  # noqa: E402
+
+STATISTICS_METHODS = ("co_merge", "least_squares")
 
 PROMPT_COLUMNS = ("prompt", "unsafe_prompt", "unsafe prompt", "text", "caption")
 
@@ -143,11 +155,64 @@ def compute_statistics(args, experts):
     return calibration.calibrate_bundle(bundle, experts, prompts, timesteps, args.seed, args.batch_size)
 
 
+def record_least_squares(args, experts):
+    """Least-squares statistics: sample each expert's concept prompts with it applied, safe prompts without."""
+    from comfyui_safetydpo.concepts import load_concept_file
+    from comfyui_safetydpo.model_loading import load_bundle
+
+    if not args.model or not args.concepts:
+        raise SafetyDPOError(
+            "the least-squares merge needs layer statistics: pass --statistics FILE (recorded earlier) or "
+            "--model MODEL --concepts FILE (unsafe_prompt,safe_prompt,category; optional --safe-prompts FILE) to "
+            "record them now (`python trainer/merge.py statistics --method least_squares --help`)")
+    pairs = load_concept_file(args.concepts, extra_categories=sorted({c for e in experts for c in e.categories}))
+    extra_safe = read_prompts(args.safe_prompts) if args.safe_prompts else []
+    prompts = least_squares_statistics.merge_prompts(pairs, extra_safe=extra_safe, source=str(args.concepts))
+    per_expert = least_squares_statistics.prompts_per_expert(experts, prompts.concept)
+    bundle = load_bundle(args.model, device=args.device)
+    for expert in experts:
+        lora_files.check_compatible(expert, bundle.architecture, str(args.model))
+    print(f"recording least-squares statistics of {len(experts)} experts ({prompts.summary()}; {args.steps} steps, "
+          f"guidance {args.guidance}, {args.images_per_prompt} images per prompt; {bundle.architecture}, "
+          f"{args.device})", flush=True)
+    return least_squares_statistics.record_bundle_statistics(
+        bundle, experts, per_expert, prompts.safe, steps=args.steps, guidance_scale=args.guidance,
+        images_per_prompt=args.images_per_prompt, seed=args.seed, batch_size=args.batch_size,
+        progress=lambda text: print(text, flush=True))
+
+
+def load_statistics(path, method: str):
+    """A statistics file of either kind, detected from its metadata; the wrong kind for ``method`` is an error."""
+    metadata = lora_files.read_safetensors(path)[1]
+    kind = metadata.get("safetydpo_kind")
+    kinds = {calibration.STATISTICS_KIND: "co_merge", least_squares_merge.STATISTICS_KIND: "least_squares"}
+    if kind not in kinds:
+        raise SafetyDPOError(f"{path}: not a statistics file (no safetydpo statistics metadata); record one with "
+                             f"`python trainer/merge.py statistics --method {method} ...`")
+    if kinds[kind] != method:
+        raise SafetyDPOError(
+            f"{path} holds statistics for method {kinds[kind]!r}, but --method {method} needs its own; record them "
+            f"with `python trainer/merge.py statistics --method {method} ...` (or use --method {kinds[kind]})")
+    if method == "least_squares":
+        return least_squares_merge.LayerInputStatistics.load(path)
+    return calibration.CalibrationStatistics.load(path)
+
+
+def make_statistics(args, experts):
+    if args.method == "least_squares":
+        return record_least_squares(args, experts)
+    return compute_statistics(args, experts)
+
+
 def run_statistics(args) -> int:
     experts = load_experts(args.experts)
-    statistics = compute_statistics(args, experts)
+    statistics = make_statistics(args, experts)
     path = statistics.save(args.output)
-    print(f"wrote {path} (statistics for {', '.join(sorted(statistics.experts))}; hash {statistics.content_hash()})")
+    if args.method == "least_squares":
+        print(f"wrote {path} (least-squares statistics for {', '.join(sorted(statistics.projections))})")
+    else:
+        print(f"wrote {path} (statistics for {', '.join(sorted(statistics.experts))}; "
+              f"hash {statistics.content_hash()})")
     return 0
 
 
@@ -155,17 +220,18 @@ def run_merge(args) -> int:
     experts = load_experts(args.experts)
     weights = parse_weights(args.weights, len(experts))
     statistics = None
-    if args.method == "co_merge":
+    if args.method in STATISTICS_METHODS:
         if args.statistics and Path(args.statistics).is_file():
-            statistics = calibration.CalibrationStatistics.load(args.statistics)
+            statistics = load_statistics(args.statistics, args.method)
         else:
-            statistics = compute_statistics(args, experts)
+            statistics = make_statistics(args, experts)
             if args.statistics:
                 statistics.save(args.statistics)
                 print(f"wrote statistics to {args.statistics}")
     options = {"granularity": args.granularity if args.method == "co_merge" else None,
                "density": args.density if args.method in ("ties", "dare", "dare_ties", "magnitude_prune") else None,
-               "seed": args.seed if args.method in ("dare", "dare_ties") else None}
+               "seed": args.seed if args.method in ("dare", "dare_ties") else None,
+               "preserve_weight": args.preserve_weight if args.method == "least_squares" else None}
     merged = merging.merge_experts(experts, weights, args.method, statistics=statistics, rank=args.rank,
                                    name=args.name or Path(args.output).stem, **options)
     path = lora_files.save_expert(merged, args.output, key_format=args.format, uniform_alpha=True)
@@ -174,6 +240,10 @@ def run_merge(args) -> int:
     if "wins_overall" in recipe:
         shares = ", ".join(f"{k} {v:.1%}" for k, v in recipe["wins_overall"].items())
         print(f"Co-Merge winners (share of {recipe['granularity']}s, mean over modules): {shares}")
+    if args.method == "least_squares":
+        fit = least_squares_merge.fit_report(experts, weights, merged, statistics)
+        print(f"least squares (λ {recipe['preserve_weight']:g}): change on safe inputs is "
+              f"{fit['safe_change_vs_linear']:.3%} of the linear merge's")
     if "svd_relative_error" in recipe:
         print(f"SVD at rank {recipe['rank']}: relative Frobenius error {recipe['svd_relative_error']:.4g}")
     print(f"wrote {path}")
@@ -187,20 +257,42 @@ def build_parser(statistics_only: bool) -> argparse.ArgumentParser:
     parser.add_argument("experts", nargs="+", help="expert LoRA files (.safetensors: kohya, ComfyUI or PEFT keys)")
     parser.add_argument("--output", required=True,
                         help="statistics file to write" if statistics_only else "merged LoRA file to write")
+    if statistics_only:
+        parser.add_argument("--method", default="co_merge", choices=STATISTICS_METHODS,
+                            help="which merge the statistics are for (default %(default)s)")
     calib = parser.add_argument_group("calibration (Co-Merge statistics)")
-    calib.add_argument("--model", help="local diffusers pipeline folder of the base model (unet/, text_encoder/, ...)")
+    calib.add_argument("--model", help="the base model: local diffusers pipeline folder (unet/, text_encoder/, ...); "
+                                        "least_squares also takes a single-file .safetensors checkpoint")
     calib.add_argument("--prompts", help="calibration prompts of every category: .txt (one per line) or .csv")
     calib.add_argument("--timesteps", default=",".join(map(str, calibration.DEFAULT_TIMESTEPS)),
                        help="comma-separated timesteps (default %(default)s)")
     calib.add_argument("--batch-size", type=int, default=4)
     calib.add_argument("--device", default="cpu", help="torch device for calibration (cpu, cuda, mps)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for calibration noise and DARE drops")
+    record = parser.add_argument_group(
+        "least-squares statistics (sampled: each expert on its own concept's prompts, the base model on safe ones)")
+    record.add_argument("--concepts", help="concept list (.csv/.yaml/.txt: unsafe_prompt, safe_prompt, category): an "
+                                           "expert draws the unsafe prompts of its categories; safe rewrites are kept")
+    record.add_argument("--safe-prompts", dest="safe_prompts",
+                        help="extra prompts that must not change (.txt, one per line, or .csv)")
+    record.add_argument("--steps", type=int, default=least_squares_statistics.DEFAULT_STEPS,
+                        help="sampling steps (default %(default)s)")
+    record.add_argument("--guidance", type=float, default=least_squares_statistics.DEFAULT_GUIDANCE,
+                        help="classifier-free guidance scale (default %(default)s)")
+    record.add_argument("--images-per-prompt", dest="images_per_prompt", type=int,
+                        default=least_squares_statistics.DEFAULT_IMAGES_PER_PROMPT,
+                        help="images drawn per prompt, seeds --seed, --seed+1, … (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for calibration noise, sampling and DARE drops")
     if statistics_only:
         return parser
     parser.add_argument("--weights", help="one weight ≥ 0 per expert, comma-separated (default all 1)")
     parser.add_argument("--method", default="co_merge", choices=merging.METHODS)
-    parser.add_argument("--statistics", help="Co-Merge statistics file: read if it exists, else computed "
-                                             "(needs --model and --prompts) and written here")
+    parser.add_argument("--statistics", help="statistics file for co_merge / least_squares: read if it exists, "
+                                             "else computed (co_merge: --model and --prompts; least_squares: "
+                                             "--model and --concepts) and written here")
+    parser.add_argument("--preserve-weight", dest="preserve_weight", type=float,
+                        default=least_squares_merge.DEFAULT_PRESERVE_WEIGHT,
+                        help="least_squares λ: how much keeping safe inputs unchanged counts against reproducing "
+                             "each expert on its concept (default %(default)s)")
     parser.add_argument("--granularity", default="row", choices=("row", "element"), help="Co-Merge granularity")
     parser.add_argument("--rank", type=int, help="target rank (svd; element Co-Merge, ties, dare, magnitude_prune: "
                                                  "SVD of the result; default exact diffs)")

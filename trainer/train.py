@@ -5,6 +5,13 @@ Run from the plugin folder:
     python trainer/train.py --model models/sd15 --pairs pairs/violence --output runs/violence
     python trainer/train.py --config train.yaml --per-category --output runs/experts
     python trainer/train.py --config train.yaml --all-data --output runs/all_data --resume
+    python trainer/train.py --recipe safetydpo --model models/sd15 --pairs pairs/violence --output runs/paper
+
+Recipes (``--recipe``, or ``recipe:`` in the config file; the config file and flags override single settings):
+``preserving`` (default: DPO β 500 + supervised weight 1 + preservation weight 5 on replay items of safe
+prompts, lr 1e-4, LoRA rank 4 on to_q/to_k/to_v/to_out.0; needs replay items, built with
+``trainer/build_pairs.py --replay safe_prompts.txt``) and ``safetydpo`` (the paper's objective: DPO only,
+β 5000, lr 1e-5, same LoRA).
 
 The model is a diffusers folder or a single-file ``.safetensors`` checkpoint (SD1.5, SD2.1, SDXL);
 nothing is downloaded. The pairs dataset is a folder with ``manifest.json`` (build it with the Build
@@ -36,12 +43,13 @@ PLUGIN_DIR = Path(__file__).resolve().parents[1]
 if str(PLUGIN_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGIN_DIR))
 
+from comfyui_safetydpo import recipes  # noqa: E402
 from comfyui_safetydpo.errors import SafetyDPOError, TrainingCancelled  # noqa: E402
 from comfyui_safetydpo.training import TrainingConfig  # noqa: E402
 
 TRAINING_FIELDS = {f.name: f for f in dataclasses.fields(TrainingConfig)}
 RUN_KEYS = ("model", "pairs", "output", "category", "per_category", "all_data", "resume", "architecture",
-            "prediction_type", "tokenizer_dir", "device", "dtype", "resolution")
+            "prediction_type", "tokenizer_dir", "device", "dtype", "resolution", "recipe")
 
 HELP = {
     "expert_name": "name of the expert file (<output>/<name>.safetensors); per category: a prefix",
@@ -76,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python trainer/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     run = parser.add_argument_group("run")
+    run.add_argument("--recipe", choices=tuple(recipes.RECIPES), default=None,
+                     help=f"training preset (default {recipes.DEFAULT_RECIPE}): " +
+                          "; ".join(f"{k}: {v}" for k, v in recipes.DESCRIPTIONS.items()) +
+                          ". The config file and flags override single settings")
     run.add_argument("--config", type=Path, help="YAML (.yaml/.yml) or TOML (.toml) file with any of these settings")
     run.add_argument("--model", help="diffusers folder or single-file .safetensors checkpoint (SD1.5/SD2.1/SDXL)")
     run.add_argument("--pairs", help="pairs dataset folder (manifest.json + images), or released CoProV2 "
@@ -102,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     settings = parser.add_argument_group("training settings (TrainingConfig)")
     for name, field in TRAINING_FIELDS.items():
         flag = "--" + name.replace("_", "-")
-        default = field.default if field.default is not dataclasses.MISSING else None
+        default = recipes.RECIPES[recipes.DEFAULT_RECIPE].get(
+            name, field.default if field.default is not dataclasses.MISSING else None)
         text = f"{HELP.get(name, name)} (default: {_show(default)})"
         if field.type in ("bool", bool):
             settings.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -152,8 +165,11 @@ def _as_sequence(value, kind=str):
 
 
 def resolve_settings(args: argparse.Namespace) -> dict:
-    """Config file values, overridden by the flags that were given."""
-    merged = read_config_file(args.config) if args.config else {}
+    """The recipe's settings, overridden by the config file's values, overridden by the flags that were given."""
+    from_file = read_config_file(args.config) if args.config else {}
+    recipe = args.recipe or from_file.get("recipe") or recipes.DEFAULT_RECIPE
+    merged = recipes.with_recipe(str(recipe), from_file)
+    merged["recipe"] = recipe
     for key, value in vars(args).items():
         if key != "config" and value is not None:
             merged[key] = value
@@ -236,6 +252,7 @@ def run(settings: dict, config: TrainingConfig) -> int:
     output = Path(settings["output"])
     category = settings.get("category")
     pairs = load_pairs(settings["pairs"], categories=[category] if category else None)
+    recipes.require_replay(config, pairs, settings.get("recipe", ""), f"pairs dataset {settings['pairs']}")
     bundle = load_bundle(settings["model"], architecture=settings.get("architecture"), dtype=dtype, device=device,
                          prediction_type=settings.get("prediction_type"), tokenizer_dir=settings.get("tokenizer_dir"),
                          resolution=settings.get("resolution"))
