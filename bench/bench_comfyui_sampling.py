@@ -132,7 +132,7 @@ def run(tiny: bool = False):
         return [{"measure": "ComfyUI sampling: merged / base", "value": None, "unit": "", "ratio": None,
                  "baseline": "base", "goal": "≤ 1.01×", "verdict": "skipped: COMFYUI_PATH unset"}]
     size, steps = (64, 2) if tiny else (256, 8)
-    min_rounds, max_rounds, budget = (2, 2, 60.0) if tiny else (8, 60, 480.0)
+    min_rounds, max_rounds, budget = (2, 2, 60.0) if tiny else (8, 60, 420.0)
     checkpoint = harness.build_sd15_checkpoint(root)
     with tempfile.TemporaryDirectory() as tmp:
         server = harness.ComfyUIServer(root, Path(tmp))
