@@ -14,6 +14,7 @@ import run_all  # noqa: E402
 BENCHMARKS = run_all.discover()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmark_runs_in_tiny_setting(name, tmp_path):
     rows = run_all.run_benchmarks(tiny=True, only=[name])
