@@ -27,8 +27,8 @@ mmap threshold (``MALLOC_MMAP_THRESHOLD_``), so freed blocks are returned to the
 what the step holds rather than what the allocator keeps cached (measured: ~220 MB of "other" without it,
 the same for every variant). Whole run: the real library loop
 (``train_lora`` on ``LazyEncodedPreferenceData``, each pair encoded on first use, from image files)
-against the official loop on the same files; wall time from start to the end of step k, read for
-1 step, one epoch and several epochs from the same runs.
+against the official loop on the same files, interleaved step by step; wall time from start to the end
+of step k, read for 1 step, one epoch and several epochs from the same runs.
 
 One thread everywhere: on this shared 2-core machine two OpenMP threads per process ran 3-5x slower
 than one as soon as other jobs used the cores (measured: encoding 8 pairs 29 s vs 10 s, one step 27-59 s
@@ -437,7 +437,12 @@ def step_times(cfg):
 
 
 def whole_run_times(cfg):
-    """Seconds from start to the end of each step: official loop vs our library loop (encode on first use)."""
+    """Seconds from start to the end of each step: official loop vs our library loop (encode on first use).
+
+    The two runs are interleaved step by step (our ``train_lora`` calls back after each step; the official
+    loop's step runs there, on its own clock, and our clock is paused meanwhile), so a change of machine
+    load hits both alike.
+    """
     import torch
 
     from comfyui_safetydpo.encoding_cache import LazyEncodedPreferenceData
@@ -445,27 +450,32 @@ def whole_run_times(cfg):
 
     steps = cfg["epochs"] * cfg["dataset"] // cfg["pairs"]
     data = bench_data(cfg)
-    out = {}
-    for name in ("official", "ours"):
-        models = build_models(cfg)
-        marks = []
-        start = time.perf_counter()
-        if name == "official":
-            variant = Official(cfg, models, data)
-            for i in range(steps):
-                variant.step(i)
-                marks.append(time.perf_counter() - start)
-        else:
-            unet, _, _, scheduler = models
-            lazy = LazyEncodedPreferenceData(BenchBundle(models, data), data.pairs)
-            denoiser = TrainableDenoiser(module=unet, predict=lambda x, t, e: unet(x, t, e.encoder_hidden_states).sample,
-                                         alphas_cumprod=scheduler.alphas_cumprod)
-            config = TrainingConfig(batch_size=cfg["pairs"], max_steps=steps, learning_rate=1e-5, checkpoint_every=0)
-            train_lora(denoiser, lazy, config, progress=lambda step, total, metrics: marks.append(time.perf_counter() - start))
-        out[name] = marks
-        del models
-        torch.manual_seed(0)
-    return out, steps
+    official_models, our_models = build_models(cfg), build_models(cfg)
+    start = time.perf_counter()
+    official = Official(cfg, official_models, data)
+    official_clock = [time.perf_counter() - start]
+    marks = {"official": [], "ours": []}
+    paused = [0.0]
+
+    def after_our_step(step, total, metrics):
+        now = time.perf_counter()
+        marks["ours"].append(now - our_start - paused[0])
+        begin = time.perf_counter()
+        official.step(step - 1)
+        official_clock[0] += time.perf_counter() - begin
+        marks["official"].append(official_clock[0])
+        paused[0] += time.perf_counter() - now
+
+    unet, _, _, scheduler = our_models
+    our_start = time.perf_counter()
+    lazy = LazyEncodedPreferenceData(BenchBundle(our_models, data), data.pairs)
+    denoiser = TrainableDenoiser(module=unet, predict=lambda x, t, e: unet(x, t, e.encoder_hidden_states).sample,
+                                 alphas_cumprod=scheduler.alphas_cumprod)
+    config = TrainingConfig(batch_size=cfg["pairs"], max_steps=steps, learning_rate=1e-5, checkpoint_every=0)
+    train_lora(denoiser, lazy, config, progress=after_our_step)
+    del official, official_models, our_models
+    torch.manual_seed(0)
+    return marks, steps
 
 
 def flop_counts(pairs: int = 2) -> dict:
