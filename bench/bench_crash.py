@@ -11,7 +11,7 @@ twice), resumes until the end, and checks:
   twice for replayed steps (reported, not hidden).
 
 Children are forked from a small server process that imports torch and encodes the data once, so a
-trial costs training time only (single-threaded, so forking is safe). ``run(tiny=True)`` does 4 trials
+trial costs training time only (single-threaded, so forking is safe). ``run(tiny=True)`` does 2 trials
 (< 60 s); the full setting does 24. Run alone: ``python bench/bench_crash.py [--tiny] [--trials N]``.
 """
 
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
 
-TINY = {"trials": 4, "steps": 12, "every": 2, "pairs": 6}
+TINY = {"trials": 2, "steps": 10, "every": 2, "pairs": 6}  # smoke only: tests/test_crash_safety.py runs the real check
 FULL = {"trials": 24, "steps": 30, "every": 3, "pairs": 6}
 
 

@@ -35,6 +35,12 @@ def machine_description() -> str:
     import torch
 
     cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            model = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), "")
+        cpu = f"{cpu} ({model})" if model else cpu
+    except OSError:
+        pass
     cores = os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{platform.system()} {cpu}, {cores} cores, {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
@@ -57,8 +63,19 @@ def load(name: str):
     return module
 
 
+def load_average() -> str:
+    try:
+        return "/".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+LOAD = {}
+
+
 def run_benchmarks(tiny: bool, only=None):
     """Run the benchmarks; a benchmark that crashes is reported as a failed row, not hidden."""
+    LOAD["start"] = load_average()
     rows = []
     for name in discover(only):
         print(f"== bench {name} ({'tiny' if tiny else 'full'})", flush=True)
@@ -69,7 +86,13 @@ def run_benchmarks(tiny: bool, only=None):
             traceback.print_exc()
             rows.append({"benchmark": name, "measure": "benchmark run", "value": "", "unit": "",
                          "ratio": "", "baseline": "", "goal": "runs", "verdict": f"CRASHED: {error}"})
+    LOAD["end"] = load_average()
     return rows
+
+
+def _is_goal(row) -> bool:
+    goal = str(row.get("goal", "")).strip().lower()
+    return bool(goal) and not goal.startswith(("report", "info", "baseline"))
 
 
 def _format(value) -> str:
@@ -92,7 +115,10 @@ def write_results(rows, out_dir: Path, tiny: bool) -> None:
         f"Machine: {machine_description()}  ",
         f"Run: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, "
         f"{'tiny (smoke) settings' if tiny else 'full settings'}. Ratios are against a baseline measured in "
-        "the same process; absolute times on this shared CPU vary 3-5x between runs.",
+        "the same process; absolute times on this shared CPU vary 3-5x between runs.  ",
+        f"Load average (1/5/15 min) at start {LOAD.get('start', load_average())}, at end "
+        f"{LOAD.get('end', load_average())}: the machine's cores are shared with other jobs, so absolute times "
+        "are those of a busy machine.",
         "",
         "| benchmark | measure | value | ratio | baseline | goal | verdict |",
         "|---|---|---|---|---|---|---|",
@@ -105,6 +131,13 @@ def write_results(rows, out_dir: Path, tiny: bool) -> None:
             _format(row.get("benchmark")), _format(row.get("measure")), value, _format(row.get("ratio")),
             _format(row.get("baseline")), _format(row.get("goal")), _format(row.get("verdict")),
         ]) + " |")
+    goals = [row for row in rows if _is_goal(row)]
+    if goals:
+        lines += ["", "## Verdict per goal", ""]
+        for row in goals:
+            lines.append(f"- {_format(row.get('benchmark'))}: {_format(row.get('measure'))} — ratio "
+                         f"{_format(row.get('ratio')) or _format(row.get('value'))}, goal {_format(row.get('goal'))}: "
+                         f"**{_format(row.get('verdict'))}**")
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
 

@@ -1,8 +1,11 @@
 """Encode preference pairs once (VAE latents, text embeddings) and cache them on disk.
 
-The DPO loop then never runs the VAE or the text encoders: every step reads cached tensors. The cache
-is a safetensors file keyed by a hash of the model identity, the prompts and the image files' bytes; a
-corrupt or stale entry is rebuilt, never trusted.
+The DPO loop then never runs the VAE or the text encoders again for a pair: every later step reads
+cached tensors. With ``lazy=True`` a pair is encoded the first time a batch uses it (so a short run
+never waits for the whole set to be encoded up front, and never does more encoding than the official
+loop, which encodes every batch); the disk cache is written once every item has been encoded. The
+cache is a safetensors file keyed by a hash of the model identity, the prompts and the image files'
+bytes; a corrupt or stale entry is rebuilt, never trusted.
 """
 
 from __future__ import annotations
@@ -94,12 +97,14 @@ def _embeddings_for(bundle, prompts: List[str]) -> PromptEmbeddings:
 
 
 def encode_preference_pairs(bundle, pairs: PreferencePairs, cache_dir: Optional[Path] = None,
-                            identity: Optional[str] = None) -> EncodedPreferenceData:
+                            identity: Optional[str] = None, lazy: bool = False) -> EncodedPreferenceData:
     """Latents and embeddings for every pair (and replay item), from the cache when it is valid.
 
     ``bundle`` is anything with ``encode_prompts(list) -> PromptEmbeddings`` and ``encode_images(
     [B, 3, H, W] in [-1, 1]) -> latents`` (a ``DiffusionBundle``, or the ComfyUI node's encoder, which
-    passes its own model ``identity`` for the cache key).
+    passes its own model ``identity`` for the cache key). ``lazy``: return a
+    ``LazyEncodedPreferenceData`` that encodes each item on first use (files and sizes are still
+    checked now, so bad data fails before training starts).
     """
     if len(pairs) == 0:
         raise DatasetError(f"the dataset in {pairs.root} has no pairs (or the selection is empty)")
@@ -111,6 +116,8 @@ def encode_preference_pairs(bundle, pairs: PreferencePairs, cache_dir: Optional[
                 return _read_cache(cache_file)
             except (LoraFormatError, KeyError, ValueError):
                 cache_file.unlink(missing_ok=True)  # corrupt: rebuild
+    if lazy:
+        return LazyEncodedPreferenceData(bundle, pairs, cache_file)
     winners = load_images(pairs, [p.preferred_image for p in pairs.pairs])
     losers = load_images(pairs, [p.rejected_image for p in pairs.pairs])
     if winners.shape[1:] != losers.shape[1:]:
@@ -166,3 +173,164 @@ def _read_cache(path: Path) -> EncodedPreferenceData:
         data.replay_latents = tensors["replay_latents"]
         data.replay_embeddings = embeddings("replay_embeddings")
     return data
+
+
+# -- encode on first use -------------------------------------------------------------------------
+
+def _image_size(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as image:  # reads the header only
+        return image.size[1], image.size[0]
+
+
+def check_images(pairs: PreferencePairs, relative_paths: Sequence[str]) -> None:
+    """The checks ``load_images`` makes (missing files, mixed sizes), from file headers only."""
+    missing = [p for p in relative_paths if not pairs.image_path(p).is_file()]
+    if missing:
+        raise DatasetError(f"{len(missing)} image(s) of the dataset in {pairs.root} are missing, e.g. {missing[:5]}; "
+                           "rebuild the pairs (the builder resumes) or fix the paths in manifest.json")
+    sizes = {}
+    for rel in relative_paths:
+        try:
+            size = _image_size(pairs.image_path(rel))
+        except OSError as error:
+            raise DatasetError(f"{pairs.image_path(rel)}: unreadable image ({error}); re-render this pair") from None
+        sizes.setdefault(size, []).append(rel)
+    if len(sizes) > 1:
+        summary = "; ".join(f"{h}x{w}: {len(v)} (e.g. {v[0]})" for (h, w), v in sizes.items())
+        raise DatasetError(f"images of mixed sizes in {pairs.root}: {summary}. Render all pairs at one resolution.")
+
+
+class _LazyEncoder:
+    """Per-item latents and prompt embeddings, encoded on first request and kept in memory."""
+
+    def __init__(self, bundle, pairs: PreferencePairs, cache_file: Optional[Path]):
+        self.bundle, self.pairs, self.cache_file = bundle, pairs, cache_file
+        self.items = {
+            "pairs": [(p.prompt, p.preferred_image, p.rejected_image) for p in pairs.pairs],
+            "replay": [(r.prompt, r.image, None) for r in pairs.replay],
+        }
+        self.latents = {"pairs": {}, "replay": {}}  # row -> (first, second or None)
+        self.prompts = {}  # prompt -> PromptEmbeddings of one row
+        self.encoded_images = 0
+
+    def rows(self, kind: str, rows: Sequence[int]):
+        """Encode the rows not seen yet (all images of the batch in one VAE call, new prompts in one)."""
+        cache = self.latents[kind]
+        missing = [r for r in dict.fromkeys(rows) if r not in cache]
+        if missing:
+            items = self.items[kind]
+            paths = [items[r][1] for r in missing] + [items[r][2] for r in missing if items[r][2] is not None]
+            with torch.no_grad():
+                latents = self.bundle.encode_images(load_images(self.pairs, paths)).float().cpu()
+                prompts = [p for p in dict.fromkeys(items[r][0] for r in missing) if p not in self.prompts]
+                if prompts:
+                    embedded = self.bundle.encode_prompts(prompts).to("cpu", torch.float32)
+                    for index, prompt in enumerate(prompts):
+                        self.prompts[prompt] = embedded.index(slice(index, index + 1))
+            self.encoded_images += len(paths)
+            count = len(missing)
+            for index, row in enumerate(missing):
+                second = latents[count + index] if items[row][2] is not None else None
+                cache[row] = (latents[index], second)
+            if self.complete():
+                self._write_cache()
+        return [cache[r] for r in rows]
+
+    def embeddings(self, kind: str, rows: Sequence[int]) -> PromptEmbeddings:
+        self.rows(kind, rows)
+        return PromptEmbeddings.cat([self.prompts[self.items[kind][r][0]] for r in rows])
+
+    def complete(self) -> bool:
+        return all(len(self.latents[k]) == len(self.items[k]) for k in self.items)
+
+    def materialize(self) -> EncodedPreferenceData:
+        """Everything encoded, as ordinary tensors."""
+        for kind in self.items:
+            if self.items[kind]:
+                self.rows(kind, range(len(self.items[kind])))
+        pairs = self.latents["pairs"]
+        rows = range(len(self.items["pairs"]))
+        data = EncodedPreferenceData(torch.stack([pairs[r][0] for r in rows]), torch.stack([pairs[r][1] for r in rows]),
+                                     self.embeddings("pairs", list(rows)))
+        if self.items["replay"]:
+            replay_rows = list(range(len(self.items["replay"])))
+            data.replay_latents = torch.stack([self.latents["replay"][r][0] for r in replay_rows])
+            data.replay_embeddings = self.embeddings("replay", replay_rows)
+        return data
+
+    def _write_cache(self) -> None:
+        if self.cache_file is not None and not self.cache_file.is_file():
+            _write_cache(self.cache_file, self.materialize())
+
+
+def _row_list(index) -> List[int]:
+    if torch.is_tensor(index):
+        return [int(i) for i in index.reshape(-1).tolist()]
+    if isinstance(index, slice):
+        raise TypeError("lazy encoded data is indexed with a list or tensor of rows")
+    if isinstance(index, int):
+        return [index]
+    return [int(i) for i in index]
+
+
+class _LazyLatents:
+    """Looks like a [N, C, H, W] latent tensor to the training loop: ``x[rows]``, ``len(x)``, ``x.shape``."""
+
+    def __init__(self, encoder: _LazyEncoder, kind: str, position: int):
+        self.encoder, self.kind, self.position = encoder, kind, position
+
+    def __len__(self) -> int:
+        return len(self.encoder.items[self.kind])
+
+    @property
+    def shape(self) -> torch.Size:
+        first = self.encoder.rows(self.kind, [0])[0][self.position]
+        return torch.Size((len(self), *first.shape))
+
+    def __getitem__(self, index) -> torch.Tensor:
+        rows = _row_list(index)
+        tensors = [pair[self.position] for pair in self.encoder.rows(self.kind, rows)]
+        return tensors[0] if isinstance(index, int) else torch.stack(tensors)
+
+
+class _LazyEmbeddings:
+    """Looks like ``PromptEmbeddings`` to the training loop: ``.index(rows)``."""
+
+    def __init__(self, encoder: _LazyEncoder, kind: str):
+        self.encoder, self.kind = encoder, kind
+
+    def __len__(self) -> int:
+        return len(self.encoder.items[self.kind])
+
+    def index(self, rows) -> PromptEmbeddings:
+        return self.encoder.embeddings(self.kind, _row_list(rows))
+
+
+class LazyEncodedPreferenceData(EncodedPreferenceData):
+    """``EncodedPreferenceData`` whose items are encoded the first time a batch uses them.
+
+    A run of k steps encodes only the pairs its k batches draw (at most what the official loop encodes
+    in those steps, and each pair only once); the cache file is written when every item is encoded.
+    Missing files and mixed image sizes are reported at construction, before any training.
+    """
+
+    def __init__(self, bundle, pairs: PreferencePairs, cache_file: Optional[Path] = None):
+        if len(pairs) == 0:
+            raise DatasetError(f"the dataset in {pairs.root} has no pairs (or the selection is empty)")
+        check_images(pairs, [p.preferred_image for p in pairs.pairs] + [p.rejected_image for p in pairs.pairs])
+        if pairs.replay:
+            check_images(pairs, [r.image for r in pairs.replay])
+        self.encoder = _LazyEncoder(bundle, pairs, cache_file)
+        self.winner_latents = _LazyLatents(self.encoder, "pairs", 0)
+        self.loser_latents = _LazyLatents(self.encoder, "pairs", 1)
+        self.embeddings = _LazyEmbeddings(self.encoder, "pairs")
+        self.replay_latents = _LazyLatents(self.encoder, "replay", 0) if pairs.replay else None
+        self.replay_embeddings = _LazyEmbeddings(self.encoder, "replay") if pairs.replay else None
+
+    def __len__(self) -> int:
+        return len(self.encoder.items["pairs"])
+
+    def materialize(self) -> EncodedPreferenceData:
+        return self.encoder.materialize()

@@ -194,6 +194,12 @@ def remove_lora(module: torch.nn.Module) -> None:
         del module.peft_config  # peft's bookkeeping on the model; a later injection starts clean
 
 
+def lora_is_identity(module: torch.nn.Module) -> bool:
+    """True while every LoRA up-projection (B) is exactly zero, as after injection: ΔW = 0 everywhere."""
+    with torch.no_grad():
+        return all(not bool(p.any()) for n, p in module.named_parameters() if "lora_B" in n)
+
+
 def lora_parameters(module: torch.nn.Module) -> Dict[str, torch.nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if "lora_" in n}
 
@@ -591,7 +597,9 @@ def _objective(denoiser, data, config, indices, generator, device, low, high, pa
     metrics: Dict[str, float] = {}
     need_reference = config.dpo_weight > 0 or (replay is not None and config.preservation_target == "reference")
     reference_prediction = replay_reference = None
-    if need_reference:
+    # A fresh LoRA (all B = 0) is the identity: the reference equals the trained pass, so skip one pass.
+    reuse_policy = need_reference and lora_is_identity(module)
+    if need_reference and not reuse_policy:
         set_lora_enabled(module, False)
         try:
             with torch.no_grad(), _autocast(config, device):
@@ -604,6 +612,8 @@ def _objective(denoiser, data, config, indices, generator, device, low, high, pa
 
     with _autocast(config, device):
         prediction = denoiser.predict(noisy, both_t, both_embeddings).float()
+    if reuse_policy and config.dpo_weight > 0:
+        reference_prediction = prediction.detach()
     mse = per_sample_mse(prediction, target)
     model_w, model_l = mse[:batch], mse[batch:]
     loss = torch.zeros((), device=device)
@@ -623,6 +633,8 @@ def _objective(denoiser, data, config, indices, generator, device, low, high, pa
     if replay is not None:
         with _autocast(config, device):
             replay_prediction = denoiser.predict(replay[0], replay[1], replay[2]).float()
+        if reuse_policy and config.preservation_target == "reference":
+            replay_reference = replay_prediction.detach()
         target_replay = replay_reference if config.preservation_target == "reference" else replay[3]
         preservation = per_sample_mse(replay_prediction, target_replay).mean()
         loss = loss + config.preservation_weight * replay_weight * preservation
@@ -733,7 +745,7 @@ def train_expert(bundle, pairs, config: TrainingConfig, output_dir=None, resume:
 
     if cache_dir is None and output_dir is not None:
         cache_dir = Path(output_dir) / "cache"
-    data = encode_preference_pairs(bundle, pairs, cache_dir)
+    data = encode_preference_pairs(bundle, pairs, cache_dir, lazy=True)  # each pair encoded on first use
     if config.categories == () and getattr(pairs, "categories", None):
         config = dataclasses.replace(config, categories=tuple(pairs.categories))
     for p in bundle.unet.parameters():

@@ -202,6 +202,7 @@ def browser_results(chromium, comfyui_server, sd15_checkpoint, tmp_path_factory)
     return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_loads_in_the_browser_without_missing_nodes(browser_results, path):
     workflow, state, screenshot = browser_results[path.name]

@@ -153,6 +153,7 @@ def _rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.slow
 def test_many_merge_and_apply_runs_keep_memory_flat(server):
     """``SAFETYDPO_MEMORY_RUNS`` (default 12; the issue's 50 with =50) runs of workflows/merge_apply_api.json,
     each re-executing merge, apply, sampling and save (a new merged name per run)."""

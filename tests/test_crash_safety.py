@@ -31,6 +31,7 @@ def load_bench_crash():
     return module
 
 
+@pytest.mark.slow
 def test_kill_minus_nine_then_resume_loses_at_most_one_interval_and_ends_identical(tmp_path):
     bench = load_bench_crash()
     every = 2

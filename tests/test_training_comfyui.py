@@ -100,6 +100,7 @@ def run_node(nodes, model, clip, vae, **overrides):
         return nodes.TrainSafetyExpertDPO().train(model, clip, vae, **settings)
 
 
+@pytest.mark.slow
 def test_node_trains_comfyui_unet_and_expert_loads_with_zero_dropped_keys(inprocess, caplog):
     comfy, nodes, model, clip, vae, base = inprocess
     unet = model.model.diffusion_model
@@ -135,6 +136,7 @@ def test_node_trains_comfyui_unet_and_expert_loads_with_zero_dropped_keys(inproc
     assert expert.delta_weight(name).abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_cancel_keeps_a_checkpoint_and_resume_finishes(inprocess):
     comfy, nodes, model, clip, vae, base = inprocess
     import comfy.model_management as mm
@@ -173,6 +175,7 @@ def test_dataset_folder_must_stay_inside_input_or_output(inprocess):
         run_node(nodes, model, clip, vae, pairs_folder="nothing_here")
 
 
+@pytest.mark.slow
 def test_training_workflow_runs_in_the_real_server(comfyui_server, comfy_inprocess, sd15_checkpoint):
     make_pairs(comfyui_server.base_dir / "input" / "safetydpo_pairs")
     graph = harness.load_workflow("train_expert_api.json")
