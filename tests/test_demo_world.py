@@ -103,3 +103,33 @@ def test_bundle_samples_in_pixel_space():
     images = bundle.sample(["a red square on a white background"] * 2, [1, 1], steps=2)
     assert images.shape == (2, 3, dw.IMAGE_SIZE, dw.IMAGE_SIZE)
     assert torch.equal(images[0], images[1])  # same seed, same prompt → same image
+
+
+def test_shipped_world_models_match_their_manifests():
+    world = dw.DemoWorld()
+    for seed in (0, 1, 2):
+        settings = dw.WorldModelSettings(seed=seed)
+        folder = dw.shipped_model_folder(world, settings)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["sha256"] == dw.file_sha256(folder / "model.safetensors")
+        assert manifest["key"] == dw.settings_key(world, settings)  # made with today's default settings
+        assert manifest["command"] == f"python trainer/demo.py --retrain-world --seed {seed} --concepts 7"
+    # the quick demo's three-concept world uses the same seven-concept model
+    assert dw.shipped_model_folder(dw.DemoWorld(3), dw.WorldModelSettings()) == dw.shipped_model_folder(world, dw.WorldModelSettings())
+
+
+def test_shipped_model_is_used_and_a_damaged_one_is_ignored(tmp_path):
+    world = dw.DemoWorld()
+    settings = dw.WorldModelSettings(steps=2, batch_size=4, renders_per_scene=2, width=16)
+    shipped = tmp_path / "shipped"
+    _, info = dw.load_or_train_world_model(world, settings, tmp_path / "cache", retrain=True, shipped_dir=shipped)
+    assert info["origin"] == "trained" and (shipped / "model.safetensors").is_file()
+    _, info = dw.load_or_train_world_model(world, settings, tmp_path / "cache", shipped_dir=shipped)
+    assert info["origin"] == "shipped"
+    data = bytearray((shipped / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (shipped / "model.safetensors").write_bytes(bytes(data))
+    _, info = dw.load_or_train_world_model(world, settings, tmp_path / "cache", shipped_dir=shipped)
+    assert info["origin"] == "trained"  # never trusted: trained into the cache instead
+    _, info = dw.load_or_train_world_model(world, settings, tmp_path / "cache", shipped_dir=shipped)
+    assert info["origin"] == "cache"
