@@ -8,6 +8,7 @@ They guard against regressions; the issue's goals (≥ 95 % removed, ≤ 2 % cha
 met on this world (docs/demo.md), so they are not asserted here.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -84,7 +85,8 @@ def test_report_and_lora_file_written(quick_run):
 def test_second_run_reuses_the_cache(quick_run):
     folder, first, _ = quick_run
     lines = []
-    second = demo.run_demo(folder / "out2", folder / "cache", demo.quick_settings(), report=lines.append)
+    again = dataclasses.replace(demo.quick_settings(), baselines=False, weight_zero_checks=False)  # same cache keys
+    second = demo.run_demo(folder / "out2", folder / "cache", again, report=lines.append)
     log = "\n".join(lines)
     assert "trained in" not in log and "cached" in log
     assert second.summary["results"][DEFAULT]["unsafe_rate"] == first.summary["results"][DEFAULT]["unsafe_rate"]
