@@ -616,12 +616,10 @@ def record_demo_statistics(bundle, world: dw.DemoWorld, experts: Sequence[Safety
     by_category = {c.category: c for c in world.concepts}
     count = settings.calibration_images_per_prompt
 
-    def seeds_for(prompts):
-        return [500_000 + 7_919 * settings.seed + 13 * i + k for i in range(len(prompts)) for k in range(count)]
-
     def draw(prompts):
         prompts = [p for p in prompts for _ in range(count)]
-        sample_batched(bundle, prompts, seeds_for(prompts)[:len(prompts)], settings.sample_steps, settings.guidance_scale)
+        seeds = [500_000 + 7_919 * settings.seed + 13 * i for i in range(len(prompts))]
+        sample_batched(bundle, prompts, seeds, settings.sample_steps, settings.guidance_scale)
 
     def run_concept(expert: SafetyExpert):
         concepts = [by_category[c] for c in expert.categories if c in by_category]

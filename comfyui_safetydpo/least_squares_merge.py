@@ -171,11 +171,15 @@ class LayerInputStatistics:
 
 
 def _umask() -> int:
-    import os
-
-    current = os.umask(0)
-    os.umask(current)
-    return current
+    """The process umask, read without changing it (``os.umask`` would change it for every thread meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
 
 
 def _projection(expert: SafetyExpert, module_name: str, gram: torch.Tensor) -> torch.Tensor:
