@@ -72,6 +72,7 @@ class DemoSettings:
     all_baselines: bool = False  # also Co-Merge (row) and the supervised (non-DPO) experts
     one_on_all: bool = True
     weight_zero_checks: bool = True  # each concept's weight at 0 in turn: does only that concept come back?
+    experts_alone: bool = True  # each expert applied alone: what it removes and what it changes before any merge
     co_merge_granularity: str = "element"  # measured: row Co-Merge kept too little of each expert (docs/demo.md)
     calibration_images_per_prompt: int = 1
     seed: int = 0
@@ -437,6 +438,10 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     if settings.weight_zero_checks and len(experts) > 1:
         weight_zero = weight_zero_check(bundle, merger, settings.merge_method, experts, items, base_images,
                                         base_readings, oracle, settings, results["base"]["per_concept"], report)
+    alone = None
+    if settings.experts_alone:
+        alone = experts_alone_check(bundle, experts, items, base_images, base_readings, oracle, settings,
+                                    results["base"]["per_concept"], report)
     scaling = None
     if len(experts) > len(dw.CONCEPTS):
         scaling = scaling_curve(bundle, world, oracle, experts, one_on_all, merger, settings, report)
@@ -446,7 +451,8 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     summary = {
         "settings": settings.to_json(), "seed": settings.seed, "oracle_accuracy": oracle_accuracy,
         "world_model": model_info, "base_prompt_fidelity": base_fidelity, "pairs": pairs_check, "results": results,
-        "default_variant": default_name, "weight_zero": weight_zero, "timings": timings,
+        "default_variant": default_name, "weight_zero": weight_zero, "experts_alone": alone, "timings": timings,
+        "base_attribute_fidelity": attribute_fidelity(items, base_readings),
         "co_merge_wins": co_merge_wins(variants[MERGE_LABELS["co_merge"]]) if MERGE_LABELS["co_merge"] in variants else {},
         "co_merge_granularity": settings.co_merge_granularity, "concepts": [dataclasses.asdict(c) for c in world.concepts],
         "eval_items": len(items), "scaling": scaling, "torch_threads": torch.get_num_threads(),
@@ -508,11 +514,21 @@ def aggregate_seeds(runs: Dict[int, Dict[str, object]]) -> Dict[str, object]:
         weight_zero = {"max_points_from_base": max(abs(r["rate"] - r["base_rate"]) for r in zero),
                        "max_other_concept_rate": max(r["others_max"] for r in zero),
                        "mean_other_concept_rate": float(np.mean([r["others_mean"] for r in zero])), "checks": len(zero)}
+    alone_rows = [row for s in seeds for row in (runs[s].get("experts_alone") or [])]
+    experts_alone = None
+    if alone_rows:
+        experts_alone = {
+            "own_removed": _spread([1 - r["rate"] / r["base_rate"] if r["base_rate"] > 0 else 1.0 for r in alone_rows]),
+            "others_removed": _spread([r["others_removed"] for r in alone_rows]),
+            "safe_changed_oracle": _spread([r["safe_changed_oracle"] for r in alone_rows]),
+            "safe_changed_pixels": _spread([r["safe_changed_pixels"] for r in alone_rows]),
+            "scene_kept_on_unsafe_prompts": _spread([r["scene_kept_on_unsafe_prompts"] for r in alone_rows]),
+            "experts": len(alone_rows)}
     fidelity = {label: _spread([runs[s]["base_prompt_fidelity"][label] for s in seeds])
                 for label in first["base_prompt_fidelity"]}
     pairs_same_scene = _spread([runs[s]["pairs"]["same_scene"] for s in seeds])
     return {"seeds": seeds, "default_variant": first["default_variant"], "table": table, "weight_zero": weight_zero,
-            "base_prompt_fidelity": fidelity, "pairs_same_scene": pairs_same_scene,
+            "base_prompt_fidelity": fidelity, "pairs_same_scene": pairs_same_scene, "experts_alone": experts_alone,
             "torch_threads": first.get("torch_threads"), "settings": first["settings"],
             "seconds": {s: runs[s]["timings"].get("total") for s in seeds}}
 
@@ -535,6 +551,14 @@ def seeds_markdown(aggregate: Dict[str, object]) -> str:
     lines += ["", f"Base model draws what the prompt says (colour, shape and background): unsafe prompts "
               f"{cell(fidelity['unsafe prompts'])}, safe prompts {cell(fidelity['safe prompts'])}; pairs with the same "
               f"shape and background in both images {cell(aggregate['pairs_same_scene'])}."]
+    alone = aggregate.get("experts_alone")
+    if alone:
+        lines += ["", f"Each expert applied alone ({alone['experts']} experts over all seeds; mean, with the worst "
+                  f"expert): own concept removed {alone['own_removed']['mean']:.1%} (worst {alone['own_removed']['min']:.1%}); "
+                  f"other concepts removed {alone['others_removed']['mean']:.1%} (most {alone['others_removed']['max']:.1%}); "
+                  f"safe prompts changed {alone['safe_changed_oracle']['mean']:.1%} by oracle reading (worst "
+                  f"{alone['safe_changed_oracle']['max']:.1%}), {alone['safe_changed_pixels']['mean']:.1%} by pixels "
+                  f"(worst {alone['safe_changed_pixels']['max']:.1%})."]
     default = aggregate["table"].get(aggregate["default_variant"])
     if default:
         zero = aggregate["weight_zero"]
@@ -657,6 +681,33 @@ def weight_zero_check(bundle, merger: DemoMerger, method: str, experts: Sequence
     return rows
 
 
+def experts_alone_check(bundle, experts: Sequence[SafetyExpert], items: Sequence[EvalItem], base_images: torch.Tensor,
+                        base_readings, oracle: dw.DemoOracle, settings: DemoSettings, base_per_concept: Dict[str, float],
+                        report: Callable[[str], None]) -> List[Dict[str, object]]:
+    """Each expert applied alone: its own concept's unsafe rate, the other concepts', and its collateral.
+
+    This separates what the experts do from what the merge does: an expert that changes safe prompts on its
+    own cannot be fixed by any merge, and collateral that only appears once merged is the merge's.
+    """
+    rows = []
+    for expert in experts:
+        concept = next(c.name for c in oracle.world.concepts if c.category in expert.categories)
+        result = measure(oracle, items, base_images, render_variant(bundle, expert, items, settings), base_readings)
+        others = {name: rate for name, rate in result["per_concept"].items() if name != concept}
+        row = {"concept": concept, "expert": expert.name, "rate": result["per_concept"][concept],
+               "base_rate": base_per_concept[concept],
+               "others_removed": float(np.mean([1 - rate / base_per_concept[n] for n, rate in others.items()
+                                                if base_per_concept[n] > 0])) if others else 0.0,
+               "safe_changed_oracle": result["safe_changed_oracle"],
+               "safe_changed_pixels": result["safe_changed_pixels"],
+               "scene_kept_on_unsafe_prompts": result["scene_kept_on_unsafe_prompts"]}
+        rows.append(row)
+        report(f"  {concept} expert alone: {concept} {row['rate']:.0%} left (base {row['base_rate']:.0%}), other concepts "
+               f"{row['others_removed']:.0%} removed, safe prompts changed {row['safe_changed_oracle']:.1%} (oracle) / "
+               f"{row['safe_changed_pixels']:.1%} (pixels)")
+    return rows
+
+
 def scaling_curve(bundle, world: dw.DemoWorld, oracle: dw.DemoOracle, experts: Sequence[SafetyExpert],
                   one_on_all: Optional[SafetyExpert], merger: DemoMerger, settings: DemoSettings,
                   report: Callable[[str], None]) -> List[Dict[str, object]]:
@@ -715,6 +766,45 @@ def prompt_fidelity(items: Sequence[EvalItem], readings: Sequence[Dict[str, str]
         out[label] = float(np.mean([r == {"background": i.scene.background, "colour": i.scene.colour,
                                           "shape": i.scene.shape} for i, r in rows]))
     return out
+
+
+def attribute_fidelity(items: Sequence[EvalItem], readings: Sequence[Dict[str, str]]) -> Dict[str, float]:
+    """Share of images whose colour, shape and background (each, and all three) read as the prompt says."""
+    rows = [({"background": i.scene.background, "colour": i.scene.colour, "shape": i.scene.shape}, r)
+            for i, r in zip(items, readings)]
+    out = {key: float(np.mean([truth[key] == r[key] for truth, r in rows])) for key in ("colour", "shape", "background")}
+    out["all"] = float(np.mean([truth == r for truth, r in rows]))
+    return out
+
+
+def check_world_model(cache_dir, settings: Optional[DemoSettings] = None, retrain: bool = False,
+                      report: Callable[[str], None] = print) -> Dict[str, object]:
+    """Load (or train, with ``retrain``) the world model and measure how faithfully it draws held-out prompts.
+
+    The demo's numbers only mean something on a world model that draws what the prompt says; this is the
+    check behind ``trainer/demo.py --world-only``.
+    """
+    settings = settings or DemoSettings()
+    world = dw.DemoWorld(settings.concepts)
+    oracle = dw.DemoOracle(world)
+
+    def model_progress(step, total, loss):
+        if step % max(total // 10, 1) == 0:
+            report(f"  world model step {step}/{total} loss {loss:.4f}")
+
+    shipped = dw.shipped_model_folder(world, settings.world) if retrain else None
+    bundle, info = dw.load_or_train_world_model(world, settings.world, Path(cache_dir), progress=model_progress,
+                                                retrain=retrain, shipped_dir=shipped)
+    items = evaluation_items(world, settings.eval_seeds)
+    readings = [oracle.read(image) for image in render_variant(bundle, None, items, settings)]
+    result = {"seed": settings.seed, "origin": info.get("origin"), "train_seconds": info.get("train_seconds"),
+              "images": len(items), "prompt_fidelity": prompt_fidelity(items, readings),
+              "attributes": attribute_fidelity(items, readings)}
+    attributes = result["attributes"]
+    report(f"world model seed {settings.seed} ({result['origin']}): draws the prompt in {attributes['all']:.1%} of "
+           f"{len(items)} held-out images (colour {attributes['colour']:.1%}, shape {attributes['shape']:.1%}, "
+           f"background {attributes['background']:.1%})")
+    return result
 
 
 def summary_table(summary: Dict[str, object]) -> str:
@@ -906,6 +996,17 @@ def write_demo_report(output_dir: Path, summary: Dict[str, object], world: dw.De
         for row in summary["weight_zero"]:
             lines.append(f"| {row['concept']} | {row['rate']:.0%} | {row['base_rate']:.0%} | {row['others_mean']:.1%} | "
                          f"{row['others_max']:.0%} |")
+        lines.append("")
+    if summary.get("experts_alone"):
+        lines += ["## Each expert alone", "",
+                  "Each expert applied alone to the base model, before any merge: what it removes, and what it changes "
+                  "on safe prompts. Collateral that appears only once the experts are merged is the merge's.", "",
+                  "| expert | its concept left | base model | other concepts removed | safe: oracle changed | "
+                  "safe: pixels changed | unsafe: scene kept |", "|---|---|---|---|---|---|---|"]
+        for row in summary["experts_alone"]:
+            lines.append(f"| {row['concept']} | {row['rate']:.0%} | {row['base_rate']:.0%} | {row['others_removed']:.0%} | "
+                         f"{row['safe_changed_oracle']:.1%} | {row['safe_changed_pixels']:.1%} | "
+                         f"{row['scene_kept_on_unsafe_prompts']:.0%} |")
         lines.append("")
     if summary["co_merge_wins"]:
         lines += ["## Which expert won where (Co-Merge)", "", "![co-merge wins](co_merge_wins.png)", ""]

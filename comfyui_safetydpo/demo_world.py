@@ -259,7 +259,7 @@ def build_tokenizer(vocabulary: Sequence[str]):
 class WorldModelSettings:
     """How the demo model is built and trained (part of its cache key)."""
 
-    steps: int = 1600
+    steps: int = 3600
     batch_size: int = 64
     learning_rate: float = 3e-3
     seed: int = 0

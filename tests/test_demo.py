@@ -100,10 +100,22 @@ def test_seed_changes_pairs_experts_and_evaluation_seeds():
     assert demo_world.shipped_model_folder(world, one.world).name == "world_7concepts_seed1"
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_shipped_world_models_draw_what_the_prompt_says(tmp_path, seed):
+    """Goal: the base model draws the prompt (colour, shape and background) in >= 95 % of held-out images."""
+    settings = demo.quick_settings().with_seed(seed)
+    lines = []
+    result = demo.check_world_model(tmp_path, settings, report=lines.append)
+    assert result["origin"] == "shipped", result
+    assert result["attributes"]["all"] >= 0.95, result
+    assert min(result["prompt_fidelity"].values()) >= 0.93, result
+    assert f"world model seed {seed} (shipped): draws the prompt in" in lines[-1]
+
+
 def test_cli_help():
     out = subprocess.run([sys.executable, str(ROOT / "trainer" / "demo.py"), "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0
     for flag in ("--output", "--cache", "--concepts", "--quick", "--fresh", "--seed", "--seeds", "--retrain-world",
-                 "--all-baselines"):
+                 "--all-baselines", "--world-only"):
         assert flag in out.stdout

@@ -8,6 +8,7 @@
     python trainer/demo.py --concepts 50      # the larger setting for the scaling curve
     python trainer/demo.py --fresh            # forget the cache (pairs, experts, trained world models) first
     python trainer/demo.py --retrain-world    # train the world model again instead of the shipped weights
+    python trainer/demo.py --world-only       # only check how faithfully the world model draws the prompts
 
 The first run trains the small demo model, renders the pairs and trains the experts; everything is
 cached in ``--cache`` (default ``.cache/demo_world`` in the repository), so a second run, or a run after
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
                         help="the default merge written as the demo's LoRA (default least_squares)")
     parser.add_argument("--retrain-world", action="store_true",
                         help="train the world model again (and write it where the shipped weights live)")
+    parser.add_argument("--world-only", action="store_true",
+                        help="stop after the world model: print how often it draws what the prompt says")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = parser.parse_args(argv)
 
@@ -80,7 +83,11 @@ def main(argv=None) -> int:
         settings = settings.with_seed(args.seed)
     print(f"torch threads: {torch.get_num_threads()}", flush=True)
     try:
-        if args.seeds:
+        if args.world_only:
+            for seed in args.seeds or [settings.seed]:
+                demo.check_world_model(args.cache, settings.with_seed(seed), retrain=args.retrain_world,
+                                       report=lambda line: print(line, flush=True))
+        elif args.seeds:
             demo.run_seeds(args.output, args.cache, settings, args.seeds, fresh=args.fresh,
                            report=lambda line: print(line, flush=True), retrain_world=args.retrain_world)
         else:
