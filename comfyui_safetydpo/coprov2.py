@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from . import files
 from .concepts import PromptPair, PromptPairList
 from .errors import DatasetError
 from .pairs import (
@@ -451,9 +452,7 @@ def extract_coprov2_parquet(
                 continue
             target = output / file_name
             if not target.is_file():
-                temp = output / f".{file_name}.part"
-                temp.write_bytes(bytes(data))
-                os.replace(temp, target)
+                files.write_bytes(target, bytes(data), error=DatasetError, what="image")
             written += 1
     report_problems(problems, f"CoProV2 parquet shards {[s.name for s in shards]}", on_error)
     if written == 0:
@@ -594,9 +593,7 @@ def coprov2_from_parquet(
                         relative = f"images/{pair_id}_{side}{suffix}"
                         target = folder / relative
                         if not target.is_file() or target.stat().st_size != len(data):
-                            temp = target.with_name(f".{target.name}.part")
-                            temp.write_bytes(data)
-                            os.replace(temp, target)
+                            files.write_bytes(target, data, error=DatasetError, what="image")
                         files.append(relative)
                     match = by_prompt.get(_prompt_key(caption))
                     if match is None:

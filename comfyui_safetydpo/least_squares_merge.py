@@ -32,6 +32,7 @@ from typing import Callable, Dict, Iterator, Optional, Sequence
 import torch
 
 from .calibration import expert_applied, expert_fingerprint
+from . import files
 from .errors import MergeError
 from .expert import LoraModule, SafetyExpert
 
@@ -108,13 +109,6 @@ class LayerInputStatistics:
 
     def save(self, path) -> Path:
         """Atomic safetensors file (tensors + expert names and fingerprints in metadata)."""
-        import os
-        import tempfile
-
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
-
-        path = Path(path)
         tensors = {}
         names = sorted(self.projections)
         for module, gram in self.concept_gram.items():
@@ -125,23 +119,11 @@ class LayerInputStatistics:
                 tensors[f"projection/{index}/{module}"] = projection.contiguous()
         metadata = {"safetydpo_kind": STATISTICS_KIND, "experts": json.dumps(names),
                     "fingerprints": json.dumps(self.fingerprints), "info": json.dumps(self.info, default=str)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, temp, metadata=metadata)
-            os.chmod(temp, 0o666 & ~_umask())
-            os.replace(temp, path)
-        except (OSError, SafetensorError) as error:
-            raise MergeError(f"{path}: could not write the statistics ({getattr(error, 'strerror', None) or error}); "
-                             "free disk space or choose another folder") from None
-        finally:
-            Path(temp).unlink(missing_ok=True)
-        return path
+        return files.save_safetensors(path, tensors, metadata, error=MergeError, what="statistics")
 
     @staticmethod
     def load(path) -> "LayerInputStatistics":
-        from .lora_files import read_safetensors
+        from .files import read_safetensors
 
         tensors, metadata = read_safetensors(path)
         if metadata.get("safetydpo_kind") != STATISTICS_KIND:
@@ -168,18 +150,6 @@ class LayerInputStatistics:
         except (KeyError, ValueError, IndexError, json.JSONDecodeError) as error:
             raise MergeError(f"{path}: the least-squares statistics file is damaged (bad or missing entry {error}); "
                              "record it again") from None
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (``os.umask`` would change it for every thread meanwhile)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
 
 
 def _projection(expert: SafetyExpert, module_name: str, gram: torch.Tensor) -> torch.Tensor:

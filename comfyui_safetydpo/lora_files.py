@@ -9,6 +9,7 @@ Public API:
   ``adapter_config.json``) that ``PeftModel.from_pretrained`` loads; ``load_expert`` reads such folders too
 - ``expert_to_state_dict(expert, key_format, layout) -> (tensors, metadata)``
 - ``read_safetensors(path) -> (tensors, metadata)`` with clear errors for pickles and broken files
+  (``files.read_safetensors`` with ``LoraFormatError``); every file is written through ``files``
 - ``detect_architecture(state_dict_or_expert)`` and ``check_compatible(expert, architecture)``
 
 Formats:
@@ -36,16 +37,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import unet_keys
+from . import files, unet_keys
 from .errors import ArchitectureMismatchError, LoraFormatError
 from .expert import ARCHITECTURES, LoraModule, SafetyExpert
 
@@ -57,7 +56,6 @@ _SS_TO_ARCHITECTURE = {"sd_v1": "sd15", "sd_2.0": "sd21", "sd_2.1": "sd21", "sd_
                        "sdxl_base_v1-0": "sdxl", "safetydpo_demo": "demo"}
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' metadata key for PEFT configs
 
-_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 _PARTS = ("unet", "text_encoder", "text_encoder_2")
 
 _PEFT_SUFFIX = re.compile(r"^(?P<module>.+?)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -70,35 +68,8 @@ _OLD_DIFFUSERS_SUFFIX = re.compile(r"^(?P<module>.+?)\.(?:lora|lora_linear_layer
 # -- reading -----------------------------------------------------------------------------------
 
 def read_safetensors(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Tensors and metadata of a safetensors file, with clear errors for anything else."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise LoraFormatError(f"{path}: no such file")
-    size = path.stat().st_size
-    if size == 0:
-        raise LoraFormatError(f"{path}: the file is empty")
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if head.startswith(_PICKLE_MAGIC):
-        raise LoraFormatError(
-            f"{path}: this is a pickle (.ckpt/.pt/.bin) file, which can run code when loaded and is never "
-            "opened here. Convert it to .safetensors with a trusted tool and use that file."
-        )
-    if size < 8 or int.from_bytes(head, "little") > size - 8:
-        raise LoraFormatError(f"{path}: not a safetensors file or truncated (header longer than the file)")
-    try:
-        tensors = {}
-        with safe_open(str(path), "pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            for key in handle.keys():
-                tensors[key] = handle.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise LoraFormatError(f"{path}: corrupt or truncated safetensors file ({error})") from None
-    if not tensors:
-        raise LoraFormatError(f"{path}: the file holds no tensors")
-    return tensors, metadata
+    """Tensors and metadata of a safetensors file, with clear errors for anything else (``files.read_safetensors``)."""
+    return files.read_safetensors(path, error=LoraFormatError)
 
 
 def load_expert(path, name: Optional[str] = None, architecture: Optional[str] = None,
@@ -579,27 +550,10 @@ def save_expert(expert: SafetyExpert, path, key_format: str = "kohya",
     metadata so that the file reads back without it. ``uniform_alpha``: write one alpha for every
     module (``with_uniform_alpha``), so that diffusers reads the file to the same ΔW as ComfyUI.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    path = Path(path)
     if uniform_alpha:
         expert = with_uniform_alpha(expert)
     tensors, metadata = expert_to_state_dict(expert, key_format, layout, dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        os.replace(temp, path)
-    except (OSError, SafetensorError) as error:
-        Path(temp).unlink(missing_ok=True)
-        raise LoraFormatError(f"{path}: could not write the expert ({getattr(error, 'strerror', None) or error}); "
-                              "free disk space or choose another folder") from None
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return files.save_safetensors(path, tensors, metadata, error=LoraFormatError, what="expert")
 
 
 def save_peft_folder(expert: SafetyExpert, folder, part: str = "unet") -> Path:
@@ -608,8 +562,6 @@ def save_peft_folder(expert: SafetyExpert, folder, part: str = "unet") -> Path:
     ``adapter_config.json`` with ``r``/``lora_alpha`` and exact-path ``rank_pattern``/``alpha_pattern``, so
     every module keeps its own rank and scale. Each file is written atomically.
     """
-    from safetensors.torch import save_file
-
     if part not in _PARTS:
         raise LoraFormatError(f"part must be one of {', '.join(_PARTS)}, not {part!r}")
     if expert.diffs:
@@ -629,17 +581,10 @@ def save_peft_folder(expert: SafetyExpert, folder, part: str = "unet") -> Path:
         tensors[f"base_model.model.{path}.lora_A.weight"] = lora.down.detach().to("cpu", torch.float32).contiguous()
         tensors[f"base_model.model.{path}.lora_B.weight"] = lora.up.detach().to("cpu", torch.float32).contiguous()
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     metadata = {"safetydpo_name": expert.name, "safetydpo_categories": json.dumps(list(expert.categories)),
                 "safetydpo_architecture": expert.architecture, "safetydpo_format_version": "1", "format": "pt"}
-    for name, write in (("adapter_model.safetensors", lambda temp: save_file(tensors, temp, metadata=metadata)),
-                        ("adapter_config.json", lambda temp: Path(temp).write_text(json.dumps(config, indent=2)))):
-        handle, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        os.close(handle)
-        try:
-            write(temp)
-            os.replace(temp, folder / name)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+    files.save_safetensors(folder / "adapter_model.safetensors", tensors, metadata, error=LoraFormatError,
+                           what="PEFT adapter")
+    files.write_text(folder / "adapter_config.json", json.dumps(config, indent=2), error=LoraFormatError,
+                     what="PEFT adapter config")
     return folder

@@ -18,7 +18,6 @@ q16 and clip_zero_shot (local CLIP: ``--clip-dir``; Q16 prompts: ``--q16-prompts
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
@@ -26,16 +25,12 @@ PLUGIN_DIR = Path(__file__).resolve().parents[1]
 if str(PLUGIN_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGIN_DIR))
 
-from comfyui_safetydpo import classifiers, evaluation, reports  # noqa: E402
+from comfyui_safetydpo import classifiers, evaluation, files, reports  # noqa: E402
 from comfyui_safetydpo.errors import DatasetError, SafetyDPOError  # noqa: E402
 
 
 def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return files.sha256_file(path)[:16]
 
 
 def parse_loras(values):
