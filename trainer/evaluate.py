@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         print()
         counts = run.classify(classifier)
         summary = evaluation.summarize(run, classifier.name)
-        files = reports.write_report(summary, blur_unsafe=not args.no_blur)
+        report = reports.write_report(summary, blur_unsafe=not args.no_blur)
     except SafetyDPOError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
     for row in summary.fidelity:
         print(f"{row['variant']:<16} safe prompts changed {100 * row['changed_rate']:.1f}% "
               f"(MAD {row['mad']:.4f}, SSIM {row['ssim']:.4f}, n={row['n']})")
-    print(f"report: {files.markdown}")
+    print(f"report: {report.markdown}")
     return 0
 
 
