@@ -220,7 +220,8 @@ def merge_least_squares(
     name: str = "merged_least_squares",
 ) -> SafetyExpert:
     """The per-layer least-squares merge (module docstring); exact LoRA of rank Σ r_k for LoRA experts."""
-    from .merging import _all_module_names, _as_lora, _included, _low_rank_parts, _result
+    from .merge_algorithms import concat_factors, least_squares_down
+    from .merging import ModuleMerge, _included, _low_rank_parts, _result, merge_per_module
 
     if statistics is None:
         raise MergeError("the least-squares merge needs layer statistics: record them from the model, the experts' "
@@ -232,34 +233,32 @@ def merge_least_squares(
         raise MergeError(f"ridge must be a finite number > 0, got {ridge}")
     included = _included(experts, weights)
     statistics.check_experts([e for e, _ in included])
-    modules: Dict[str, LoraModule] = {}
-    diffs: Dict[str, torch.Tensor] = {}
-    for module_name in _all_module_names(included):
+
+    def check(module_name: str, competitors) -> None:
         if module_name not in statistics.concept_gram:
             raise MergeError(f"the least-squares statistics have no Gram matrix for module {module_name!r}")
+
+    def merge_module(module_name: str, competitors, _=None) -> ModuleMerge:
         inverse = solve_layer(statistics.concept_gram[module_name], statistics.safe_gram[module_name],
                               preserve_weight, ridge).float()
-        competitors = [(e, w) for e, w in included if module_name in e.module_names]
+        projections = [statistics.projections[e.name][module_name].float() for e, _ in competitors]
         if all(module_name in e.modules and module_name not in e.diffs for e, _ in competitors):
-            downs, ups = [], []
-            for expert, weight in competitors:
+            ups = [_low_rank_parts(e, module_name, w)[1] for e, w in competitors]
+            downs = [least_squares_down(projection, inverse) for projection in projections]
+            return ModuleMerge(lora=concat_factors(downs, ups, competitors[0][0].modules[module_name]))
+        merged = 0
+        for (expert, weight), projection in zip(competitors, projections):
+            if module_name in expert.modules and module_name not in expert.diffs:
                 _, up = _low_rank_parts(expert, module_name, weight)
-                downs.append(statistics.projections[expert.name][module_name].float() @ inverse)
-                ups.append(up)
-            modules[module_name] = _as_lora(downs, ups, competitors[0][0].modules[module_name])
-        else:
-            merged = 0
-            for expert, weight in competitors:
-                projection = statistics.projections[expert.name][module_name].float()
-                if module_name in expert.modules and module_name not in expert.diffs:
-                    _, up = _low_rank_parts(expert, module_name, weight)
-                    merged = merged + up @ projection @ inverse
-                else:
-                    merged = merged + weight * projection @ inverse
-            diffs[module_name] = merged.reshape(competitors[0][0].delta_weight(module_name).shape)
+                merged = merged + up @ projection @ inverse  # (w s B_k)(A_k G_k) M⁻¹
+            else:
+                merged = merged + weight * projection @ inverse  # (w ΔW_k G_k) M⁻¹
+        return ModuleMerge(diff=merged.reshape(competitors[0][0].delta_weight(module_name).shape))
+
+    merged = merge_per_module(included, merge_module, prepare=check)
     recipe = {"method": "least_squares", "preserve_weight": preserve_weight, "ridge": ridge, "rank": None,
               "statistics_info": statistics.info}
-    return _result(experts, weights, included, name, recipe, modules, diffs)
+    return _result(experts, weights, included, name, recipe, merged.modules, merged.diffs)
 
 
 def fit_report(experts: Sequence[SafetyExpert], weights: Sequence[float], merged: SafetyExpert,
