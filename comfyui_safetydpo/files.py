@@ -7,11 +7,14 @@ target. A crash or an error while writing leaves the previous file as it was and
 Why the chmod: ``tempfile.mkstemp`` creates 0600, so a renamed temp file stayed unreadable to a ComfyUI
 running as another user (a container, a shared models folder).
 
-API:
-- ``atomic_write(path, write, error=..., what=...)``: ``write(temp_path)`` fills the temp file
-- ``write_bytes``, ``write_text``, ``write_json``, ``save_safetensors``, ``save_png``: the same for each kind
-- ``atomic_folder(path, error=..., what=...)``: a folder written whole (training checkpoints)
-- ``read_safetensors(path, error=..., what=...) -> (tensors, metadata)``; ``safetensors_keys(path, ...)``
+API (every writer creates missing folders and returns the path; disk errors become ``error``, by default
+``SafetyDPOError``, with a message naming the file, the ``what`` and the ``advice``):
+- ``write_bytes(path, data)``, ``write_text(path, text)``, ``write_json(path, data, indent=1, default=None)``,
+  ``save_safetensors(path, tensors, metadata)``, ``save_png(path, image_array_or_PIL_or_figure, **save_options)``
+- ``atomic_write(path, write)``: ``write(temp_path)`` fills the temp file (any other format)
+- ``atomic_folder(path)``: a context manager for a folder written whole (training checkpoints)
+- ``read_safetensors(path, error=LoraFormatError) -> (tensors, metadata)``, ``safetensors_keys(path)``,
+  ``check_safetensors(path)``: missing, empty, pickle, truncated, corrupt → ``error`` naming the file
 - ``sha256_file(path) -> hex digest``; ``current_umask()``, ``file_mode()``, ``folder_mode()``
 """
 
@@ -140,16 +143,20 @@ def save_safetensors(path, tensors: Dict[str, object], metadata: Optional[Dict[s
                         **options)
 
 
-def save_png(path, image, **options) -> Path:
-    """A PIL image, a uint8 [H, W, 3] array, or a matplotlib figure as a PNG file, atomically."""
+def save_png(path, image, error: Type[SafetyDPOError] = SafetyDPOError, what: str = "image",
+             advice: str = FREE_SPACE, **save_options) -> Path:
+    """A PIL image, a uint8 [H, W, 3] array, or a matplotlib figure as a PNG file, atomically.
+
+    ``save_options`` go to ``Figure.savefig`` (``dpi=80, bbox_inches="tight"`` …) or ``PIL.Image.save``.
+    """
     if hasattr(image, "savefig"):
-        return atomic_write(path, lambda temp: image.savefig(temp, format="png"), **options)
+        return atomic_write(path, lambda temp: image.savefig(temp, format="png", **save_options), error, what, advice)
     if not hasattr(image, "save"):
         import numpy as np
         from PIL import Image
 
         image = Image.fromarray(np.ascontiguousarray(image))
-    return atomic_write(path, lambda temp: image.save(temp, format="PNG"), **options)
+    return atomic_write(path, lambda temp: image.save(temp, format="PNG", **save_options), error, what, advice)
 
 
 @contextlib.contextmanager
@@ -181,17 +188,6 @@ def atomic_folder(path, error: Type[SafetyDPOError] = SafetyDPOError, what: str 
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
-
-
-def remove_stale_temporaries(folder, name: str) -> None:
-    """Remove temp files or folders that ``atomic_write``/``atomic_folder`` left for ``name`` when the process
-    was killed mid-write (an exception never leaves any)."""
-    for stale in Path(folder).glob(f".{name}.*"):
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                stale.unlink()
 
 
 # -- reading -----------------------------------------------------------------------------------
