@@ -20,14 +20,13 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from . import files
 from .errors import MergeError
 from .expert import SafetyExpert
 
@@ -106,10 +105,6 @@ class CalibrationStatistics:
 
     def save(self, path) -> Path:
         """Atomic safetensors file: tensors per expert/module, names and fingerprints in metadata."""
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
-
-        path = Path(path)
         tensors = {}
         names = sorted(self.experts)
         samples = {}
@@ -125,23 +120,12 @@ class CalibrationStatistics:
             "samples": json.dumps(samples),
             "info": json.dumps(self.info, default=str),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, temp, metadata=metadata)
-            os.replace(temp, path)
-        except (OSError, SafetensorError) as error:
-            raise MergeError(f"{path}: could not write the statistics ({getattr(error, 'strerror', None) or error}); "
-                             "free disk space or choose another folder") from None
-        finally:
-            Path(temp).unlink(missing_ok=True)
-        return path
+        return files.save_safetensors(path, tensors, metadata, error=MergeError, what="statistics")
 
     @staticmethod
     def load(path) -> "CalibrationStatistics":
         """Read a file written by ``save``; anything else is refused with a message naming the file."""
-        from .lora_files import read_safetensors
+        from .files import read_safetensors
 
         tensors, metadata = read_safetensors(path)
         if metadata.get("safetydpo_kind") != STATISTICS_KIND:

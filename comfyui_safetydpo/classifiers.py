@@ -234,9 +234,9 @@ def load_q16_prompts(path=None) -> torch.Tensor:
         array = np.load(path, allow_pickle=False)
         tensor = torch.from_numpy(np.asarray(array, dtype=np.float32))
     elif path.suffix == ".safetensors":
-        import safetensors.torch
+        from .files import read_safetensors
 
-        tensors = safetensors.torch.load_file(str(path))
+        tensors, _ = read_safetensors(path, error=MissingWeightsError)
         if len(tensors) != 1 and "prompts" not in tensors:
             raise MissingWeightsError(f"{path}: expected one tensor named 'prompts' [2, D], found {sorted(tensors)}")
         tensor = tensors.get("prompts", next(iter(tensors.values()))).float()

@@ -251,21 +251,11 @@ def expand_concepts(
 
 def write_concept_csv(pairs: Sequence[PromptPair], path) -> Path:
     """Write prompt pairs as a concept CSV (the format ``read_concept_csv`` reads), atomically."""
-    import os
-    import tempfile
+    from . import files
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
+    buffer = io.StringIO(newline="")
     writer = csv.writer(buffer)
     writer.writerow(list(CSV_COLUMNS) + ["concept"])
     for p in pairs:
         writer.writerow([p.prompt, p.safe_prompt, ";".join(p.categories), p.concept])
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(buffer.getvalue())
-        os.replace(temp, path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
-    return path
+    return files.write_text(path, buffer.getvalue(), error=DatasetError, what="concept CSV")

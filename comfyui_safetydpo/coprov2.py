@@ -31,6 +31,7 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from . import files
 from .concepts import PromptPair, PromptPairList
 from .errors import DatasetError
 from .pairs import (
@@ -451,9 +452,7 @@ def extract_coprov2_parquet(
                 continue
             target = output / file_name
             if not target.is_file():
-                temp = output / f".{file_name}.part"
-                temp.write_bytes(bytes(data))
-                os.replace(temp, target)
+                files.write_bytes(target, bytes(data), error=DatasetError, what="image")
             written += 1
     report_problems(problems, f"CoProV2 parquet shards {[s.name for s in shards]}", on_error)
     if written == 0:
@@ -589,22 +588,20 @@ def coprov2_from_parquet(
                         problems.append(f"{where}: the preferred or rejected image is empty or not JPEG/PNG/WebP")
                         continue
                     pair_id = f"{shard.stem}_{row:06d}"
-                    files = []
+                    relatives = []
                     for side, data, suffix in (("preferred", preferred, suffixes[0]), ("rejected", rejected, suffixes[1])):
                         relative = f"images/{pair_id}_{side}{suffix}"
                         target = folder / relative
                         if not target.is_file() or target.stat().st_size != len(data):
-                            temp = target.with_name(f".{target.name}.part")
-                            temp.write_bytes(data)
-                            os.replace(temp, target)
-                        files.append(relative)
+                            files.write_bytes(target, data, error=DatasetError, what="image")
+                        relatives.append(relative)
                     match = by_prompt.get(_prompt_key(caption))
                     if match is None:
                         unmatched += 1
                     pairs.append(PreferencePair(
                         pair_id=pair_id, prompt=caption, safe_prompt=match.safe_prompt if match else caption,
                         categories=tuple(match.categories) if match else (UNMATCHED_CATEGORY,),
-                        preferred_image=files[0], rejected_image=files[1], seed=0,
+                        preferred_image=relatives[0], rejected_image=relatives[1], seed=0,
                         concept=match.concept if match else ""))
         except DatasetError:
             raise

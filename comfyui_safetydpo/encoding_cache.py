@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
 
+from . import files
 from .errors import DatasetError, LoraFormatError
 from .models import PromptEmbeddings
 from .pairs import PreferencePairs, load_image_tensor
@@ -59,12 +58,12 @@ def _cache_key(bundle, pairs: PreferencePairs, identity: Optional[str] = None) -
         for rel in (pair.preferred_image, pair.rejected_image):
             path = pairs.image_path(rel)
             if path.is_file():
-                digest.update(hashlib.sha256(path.read_bytes()).digest())
+                digest.update(bytes.fromhex(files.sha256_file(path)))
     for item in pairs.replay:
         digest.update(json.dumps([item.item_id, item.prompt, item.image]).encode())
         path = pairs.image_path(item.image)
         if path.is_file():
-            digest.update(hashlib.sha256(path.read_bytes()).digest())
+            digest.update(bytes.fromhex(files.sha256_file(path)))
     return digest.hexdigest()[:24]
 
 
@@ -138,8 +137,6 @@ def encode_preference_pairs(bundle, pairs: PreferencePairs, cache_dir: Optional[
 
 
 def _write_cache(path: Path, data: EncodedPreferenceData) -> None:
-    from safetensors.torch import save_file
-
     tensors = {"winner_latents": data.winner_latents, "loser_latents": data.loser_latents,
                "embeddings.hidden": data.embeddings.encoder_hidden_states}
     tensors.update({f"embeddings.added.{k}": v for k, v in data.embeddings.added_cond.items()})
@@ -147,18 +144,11 @@ def _write_cache(path: Path, data: EncodedPreferenceData) -> None:
         tensors["replay_latents"] = data.replay_latents
         tensors["replay_embeddings.hidden"] = data.replay_embeddings.encoder_hidden_states
         tensors.update({f"replay_embeddings.added.{k}": v for k, v in data.replay_embeddings.added_cond.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, temp, metadata={"version": CACHE_VERSION})
-        os.replace(temp, path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
+    files.save_safetensors(path, tensors, {"version": CACHE_VERSION}, what="encoding cache")
 
 
 def _read_cache(path: Path) -> EncodedPreferenceData:
-    from .lora_files import read_safetensors
+    from .files import read_safetensors
 
     tensors, metadata = read_safetensors(path)
     if metadata.get("version") != CACHE_VERSION:

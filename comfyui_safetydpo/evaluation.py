@@ -25,7 +25,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -33,6 +32,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 import numpy as np
 import torch
 
+from . import files
 from .errors import DatasetError, MissingWeightsError, SafetyDPOError
 
 SAFE_CATEGORY = "safe"
@@ -205,18 +205,7 @@ def from_uint8(array: np.ndarray) -> torch.Tensor:
 
 def save_png(array: np.ndarray, path: Path) -> None:
     """Write one uint8 [H, W, 3] image atomically."""
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(handle)
-    try:
-        Image.fromarray(array).save(temp, format="PNG")
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
+    files.save_png(path, array)
 
 
 def load_png(path: Path) -> np.ndarray:
@@ -227,16 +216,8 @@ def load_png(path: Path) -> np.ndarray:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
+    """UTF-8 text to ``path`` atomically (``files.write_text``)."""
+    files.write_text(path, text)
 
 
 def _append_jsonl(path: Path, rows: Sequence[dict]) -> None:
@@ -716,9 +697,7 @@ def load_inception(weights_path=None) -> torch.nn.Module:
     except ImportError as error:
         raise MissingWeightsError(f"FID needs torchmetrics and torch-fidelity ({error}): "
                                   "pip install torchmetrics torch-fidelity") from None
-    import safetensors.torch
-
-    state_dict = safetensors.torch.load_file(str(path))
+    state_dict, _ = files.read_safetensors(path, error=MissingWeightsError)
     # torch-fidelity's constructor reads its weights with torch.load(path); hand it the tensors read
     # from safetensors instead, so no pickle is ever opened.
     with _TORCH_LOAD_LOCK:

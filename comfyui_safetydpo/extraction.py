@@ -269,18 +269,15 @@ def _safetensors_files(path: Path) -> List[Tuple[str, Path]]:
 
 def weights_from_path(path) -> ModelWeights:
     """Canonical weights of a checkpoint file, UNet file, diffusers folder or UNet folder (read lazily)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import safe_open
+
+    from .files import safetensors_keys
 
     path = Path(path)
     entries = _safetensors_files(path)
     flat: Dict[str, Tuple[Path, str]] = {}
     for part, file in entries:
-        try:
-            with safe_open(str(file), "pt") as handle:
-                keys = list(handle.keys())
-        except (SafetensorError, OSError, ValueError) as error:
-            raise LoraFormatError(f"{file}: not a readable safetensors file ({error})") from None
-        for key in keys:
+        for key in safetensors_keys(file, error=LoraFormatError):
             name = key if part in (".", "unet") else f"{part}.{key}"
             flat[name] = (file, key)
     names, layout = canonical_parameter_names(list(flat), str(path))

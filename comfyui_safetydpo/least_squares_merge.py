@@ -32,6 +32,7 @@ from typing import Callable, Dict, Iterator, Optional, Sequence
 import torch
 
 from .calibration import expert_applied, expert_fingerprint
+from . import files
 from .errors import MergeError
 from .expert import LoraModule, SafetyExpert
 
@@ -108,13 +109,6 @@ class LayerInputStatistics:
 
     def save(self, path) -> Path:
         """Atomic safetensors file (tensors + expert names and fingerprints in metadata)."""
-        import os
-        import tempfile
-
-        from safetensors import SafetensorError
-        from safetensors.torch import save_file
-
-        path = Path(path)
         tensors = {}
         names = sorted(self.projections)
         for module, gram in self.concept_gram.items():
@@ -125,23 +119,11 @@ class LayerInputStatistics:
                 tensors[f"projection/{index}/{module}"] = projection.contiguous()
         metadata = {"safetydpo_kind": STATISTICS_KIND, "experts": json.dumps(names),
                     "fingerprints": json.dumps(self.fingerprints), "info": json.dumps(self.info, default=str)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, temp, metadata=metadata)
-            os.chmod(temp, 0o666 & ~_umask())
-            os.replace(temp, path)
-        except (OSError, SafetensorError) as error:
-            raise MergeError(f"{path}: could not write the statistics ({getattr(error, 'strerror', None) or error}); "
-                             "free disk space or choose another folder") from None
-        finally:
-            Path(temp).unlink(missing_ok=True)
-        return path
+        return files.save_safetensors(path, tensors, metadata, error=MergeError, what="statistics")
 
     @staticmethod
     def load(path) -> "LayerInputStatistics":
-        from .lora_files import read_safetensors
+        from .files import read_safetensors
 
         tensors, metadata = read_safetensors(path)
         if metadata.get("safetydpo_kind") != STATISTICS_KIND:
@@ -168,18 +150,6 @@ class LayerInputStatistics:
         except (KeyError, ValueError, IndexError, json.JSONDecodeError) as error:
             raise MergeError(f"{path}: the least-squares statistics file is damaged (bad or missing entry {error}); "
                              "record it again") from None
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (``os.umask`` would change it for every thread meanwhile)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
 
 
 def _projection(expert: SafetyExpert, module_name: str, gram: torch.Tensor) -> torch.Tensor:
@@ -250,7 +220,8 @@ def merge_least_squares(
     name: str = "merged_least_squares",
 ) -> SafetyExpert:
     """The per-layer least-squares merge (module docstring); exact LoRA of rank Σ r_k for LoRA experts."""
-    from .merging import _all_module_names, _as_lora, _included, _low_rank_parts, _result
+    from .merge_algorithms import concat_factors, least_squares_down
+    from .merging import ModuleMerge, _included, _low_rank_parts, _result, merge_per_module
 
     if statistics is None:
         raise MergeError("the least-squares merge needs layer statistics: record them from the model, the experts' "
@@ -262,34 +233,32 @@ def merge_least_squares(
         raise MergeError(f"ridge must be a finite number > 0, got {ridge}")
     included = _included(experts, weights)
     statistics.check_experts([e for e, _ in included])
-    modules: Dict[str, LoraModule] = {}
-    diffs: Dict[str, torch.Tensor] = {}
-    for module_name in _all_module_names(included):
+
+    def check(module_name: str, competitors) -> None:
         if module_name not in statistics.concept_gram:
             raise MergeError(f"the least-squares statistics have no Gram matrix for module {module_name!r}")
+
+    def merge_module(module_name: str, competitors, _=None) -> ModuleMerge:
         inverse = solve_layer(statistics.concept_gram[module_name], statistics.safe_gram[module_name],
                               preserve_weight, ridge).float()
-        competitors = [(e, w) for e, w in included if module_name in e.module_names]
+        projections = [statistics.projections[e.name][module_name].float() for e, _ in competitors]
         if all(module_name in e.modules and module_name not in e.diffs for e, _ in competitors):
-            downs, ups = [], []
-            for expert, weight in competitors:
+            ups = [_low_rank_parts(e, module_name, w)[1] for e, w in competitors]
+            downs = [least_squares_down(projection, inverse) for projection in projections]
+            return ModuleMerge(lora=concat_factors(downs, ups, competitors[0][0].modules[module_name]))
+        merged = 0
+        for (expert, weight), projection in zip(competitors, projections):
+            if module_name in expert.modules and module_name not in expert.diffs:
                 _, up = _low_rank_parts(expert, module_name, weight)
-                downs.append(statistics.projections[expert.name][module_name].float() @ inverse)
-                ups.append(up)
-            modules[module_name] = _as_lora(downs, ups, competitors[0][0].modules[module_name])
-        else:
-            merged = 0
-            for expert, weight in competitors:
-                projection = statistics.projections[expert.name][module_name].float()
-                if module_name in expert.modules and module_name not in expert.diffs:
-                    _, up = _low_rank_parts(expert, module_name, weight)
-                    merged = merged + up @ projection @ inverse
-                else:
-                    merged = merged + weight * projection @ inverse
-            diffs[module_name] = merged.reshape(competitors[0][0].delta_weight(module_name).shape)
+                merged = merged + up @ projection @ inverse  # (w s B_k)(A_k G_k) M⁻¹
+            else:
+                merged = merged + weight * projection @ inverse  # (w ΔW_k G_k) M⁻¹
+        return ModuleMerge(diff=merged.reshape(competitors[0][0].delta_weight(module_name).shape))
+
+    merged = merge_per_module(included, merge_module, prepare=check)
     recipe = {"method": "least_squares", "preserve_weight": preserve_weight, "ridge": ridge, "rank": None,
               "statistics_info": statistics.info}
-    return _result(experts, weights, included, name, recipe, modules, diffs)
+    return _result(experts, weights, included, name, recipe, merged.modules, merged.diffs)
 
 
 def fit_report(experts: Sequence[SafetyExpert], weights: Sequence[float], merged: SafetyExpert,

@@ -9,9 +9,10 @@ Public API:
   ``adapter_config.json``) that ``PeftModel.from_pretrained`` loads; ``load_expert`` reads such folders too
 - ``expert_to_state_dict(expert, key_format, layout) -> (tensors, metadata)``
 - ``read_safetensors(path) -> (tensors, metadata)`` with clear errors for pickles and broken files
+  (``files.read_safetensors`` with ``LoraFormatError``); every file is written through ``files``
 - ``detect_architecture(state_dict_or_expert)`` and ``check_compatible(expert, architecture)``
 
-Formats:
+Formats (each key is read by one small reader in ``lora_formats``; ``expert_from_state_dict`` dispatches):
 - kohya: ``lora_unet_<diffusers path with _>`` / ``lora_te_`` (SD1.5/2.1) / ``lora_te1_`` + ``lora_te2_``
   (SDXL), each with ``.lora_down.weight``, ``.lora_up.weight`` and ``.alpha``; ``ss_*`` metadata.
 - native (ComfyUI): ``diffusion_model.<LDM path>.lora_down.weight`` …; needs the UNet layout, taken
@@ -33,19 +34,18 @@ refused with a message, never unpickled.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
-from . import unet_keys
+from . import files, lora_formats, unet_keys
 from .errors import ArchitectureMismatchError, LoraFormatError
 from .expert import ARCHITECTURES, LoraModule, SafetyExpert
 
@@ -57,48 +57,15 @@ _SS_TO_ARCHITECTURE = {"sd_v1": "sd15", "sd_2.0": "sd21", "sd_2.1": "sd21", "sd_
                        "sdxl_base_v1-0": "sdxl", "safetydpo_demo": "demo"}
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' metadata key for PEFT configs
 
-_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x04")
 _PARTS = ("unet", "text_encoder", "text_encoder_2")
 
-_PEFT_SUFFIX = re.compile(r"^(?P<module>.+?)\.lora_(?P<which>A|B)(?:\.(?P<adapter>[^.]+))?\.weight$")
-_PROCESSOR_SUFFIX = re.compile(
-    r"^(?P<module>.+?)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<which>up|down)\.weight$"
-)
-_OLD_DIFFUSERS_SUFFIX = re.compile(r"^(?P<module>.+?)\.(?:lora|lora_linear_layer)\.(?P<which>up|down)\.weight$")
 
 
 # -- reading -----------------------------------------------------------------------------------
 
 def read_safetensors(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Tensors and metadata of a safetensors file, with clear errors for anything else."""
-    from safetensors import SafetensorError, safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise LoraFormatError(f"{path}: no such file")
-    size = path.stat().st_size
-    if size == 0:
-        raise LoraFormatError(f"{path}: the file is empty")
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-    if head.startswith(_PICKLE_MAGIC):
-        raise LoraFormatError(
-            f"{path}: this is a pickle (.ckpt/.pt/.bin) file, which can run code when loaded and is never "
-            "opened here. Convert it to .safetensors with a trusted tool and use that file."
-        )
-    if size < 8 or int.from_bytes(head, "little") > size - 8:
-        raise LoraFormatError(f"{path}: not a safetensors file or truncated (header longer than the file)")
-    try:
-        tensors = {}
-        with safe_open(str(path), "pt") as handle:
-            metadata = dict(handle.metadata() or {})
-            for key in handle.keys():
-                tensors[key] = handle.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise LoraFormatError(f"{path}: corrupt or truncated safetensors file ({error})") from None
-    if not tensors:
-        raise LoraFormatError(f"{path}: the file holds no tensors")
-    return tensors, metadata
+    """Tensors and metadata of a safetensors file, with clear errors for anything else (``files.read_safetensors``)."""
+    return files.read_safetensors(path, error=LoraFormatError)
 
 
 def load_expert(path, name: Optional[str] = None, architecture: Optional[str] = None,
@@ -151,9 +118,30 @@ def expert_from_state_dict(
 
     Tensors are copied to float32 on the CPU (mixed dtypes are fine). ``architecture`` overrides
     what the metadata or the key shapes say; ``layout`` is needed only for LDM-named keys of a
-    UNet that is not a preset.
+    UNet that is not a preset. Each key is read by the per-format readers of ``lora_formats``.
     """
     metadata = dict(metadata or {})
+    architecture, layout = _architecture_and_layout(state_dict, metadata, architecture, layout, source)
+    parts = _read_keys(state_dict, lora_formats.ModuleNamer(layout, architecture, source), source)
+    modules = _lora_modules(parts, _PeftAlpha(metadata, adapter_config, source), source)
+    for module, diff in parts.diffs.items():
+        if not torch.isfinite(diff).all():
+            raise LoraFormatError(f"{source}: module {module!r} (key {parts.key_of[module]!r}) has NaN/Inf values "
+                                  "in its diff")
+    stray_alpha = sorted(set(parts.alphas) - set(modules))
+    if stray_alpha:
+        raise LoraFormatError(f"{source}: alpha without LoRA matrices: {parts.key_of[stray_alpha[0]]!r}")
+    if not modules and not parts.diffs:
+        raise LoraFormatError(f"{source}: no LoRA modules found")
+    own = {k: v for k, v in metadata.items() if k.startswith("safetydpo_") or k.startswith("ss_")}
+    return SafetyExpert(name=name, modules=modules, diffs=parts.diffs, architecture=architecture,
+                        categories=_categories(metadata), metadata=own)
+
+
+def _architecture_and_layout(state_dict, metadata: Dict[str, str], architecture: Optional[str],
+                             layout: Optional[unet_keys.UNetLayout], source: str):
+    """The architecture (argument, our metadata, kohya's ``ss_base_model_version``, or the key shapes) and
+    the UNet layout (argument, our metadata, or the architecture's preset)."""
     if architecture is None:
         architecture = (metadata.get("safetydpo_architecture")
                         or _SS_TO_ARCHITECTURE.get(metadata.get("ss_base_model_version", ""))
@@ -164,102 +152,68 @@ def expert_from_state_dict(
         layout = unet_keys.layout_from_json(metadata["safetydpo_unet_layout"])
     if layout is None and architecture in unet_keys.LAYOUTS:
         layout = unet_keys.LAYOUTS[architecture]
+    return architecture, layout
 
-    downs: Dict[str, torch.Tensor] = {}
-    ups: Dict[str, torch.Tensor] = {}
-    alphas: Dict[str, float] = {}
-    diffs: Dict[str, torch.Tensor] = {}
-    key_of: Dict[str, str] = {}  # canonical module → one file key, for error messages
-    unknown = []
-    peft_modules = set()
-    adapters = set()
 
-    def needs_layout(kind: str) -> LoraFormatError:
-        return LoraFormatError(
-            f"{source}: {kind} keys need the UNet layout, and the architecture is {architecture!r}; "
-            "pass architecture='sd15'/'sd21'/'sdxl' or layout= (unet_keys.infer_layout_from_ldm_keys)")
+@dataclasses.dataclass
+class _KeyParts:
+    """A file's tensors sorted by canonical module and role, and one file key per module for messages."""
 
-    def canonical(module_key: str) -> str:
-        if module_key.startswith("lora_"):
-            if module_key.startswith("lora_unet_") and layout is None and unet_keys.is_ldm_path(
-                    unet_keys.dotted_from_flat(module_key[len("lora_unet_"):])):
-                raise needs_layout("kohya LDM-style")
-            return unet_keys.kohya_to_canonical(module_key, layout)
-        if module_key.startswith("diffusion_model."):
-            if layout is None:
-                raise needs_layout("ComfyUI native (diffusion_model.)")
-            return unet_keys.native_to_canonical(module_key, layout)
-        for prefix in ("base_model.model.unet.", "base_model.model.", "unet.base_model.model.", "unet.unet.",
-                       "unet.", "model."):
-            if module_key.startswith(prefix):
-                module_key = module_key[len(prefix):]
-                break
-        for part in ("text_encoder_2.", "text_encoder."):
-            if module_key.startswith(part):
-                rest = module_key[len(part):]
-                rest = rest[len("base_model.model."):] if rest.startswith("base_model.model.") else rest
-                return part + unet_keys.normalize_text_encoder_path(rest)
-        if module_key.split(".", 1)[0] in ("text_model",) + unet_keys._TEXT_MODEL_HEADS:
-            return "text_encoder." + unet_keys.normalize_text_encoder_path(module_key)
-        if unet_keys.is_ldm_path(module_key):
-            if layout is None:
-                raise needs_layout("LDM-named")
-            return "unet." + unet_keys.ldm_to_diffusers(module_key, layout)
-        if not re.match(r"(down_blocks|up_blocks|mid_block|conv_in|conv_out|conv_norm_out|time_embedding|"
-                        r"add_embedding|class_embedding)(\.|$)", module_key):
-            raise LoraFormatError(f"{source}: {module_key!r} is not a UNet or text-encoder module")
-        return "unet." + module_key
+    downs: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    ups: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    alphas: Dict[str, float] = dataclasses.field(default_factory=dict)
+    diffs: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    key_of: Dict[str, str] = dataclasses.field(default_factory=dict)
+    peft_modules: set = dataclasses.field(default_factory=set)
+    adapters: set = dataclasses.field(default_factory=set)
 
-    def store(target: Dict[str, torch.Tensor], module: str, tensor: torch.Tensor, key: str) -> None:
+    def add(self, module: str, role: lora_formats.KeyRole, tensor: torch.Tensor, key: str, source: str) -> None:
+        if role.role == lora_formats.ALPHA:
+            self.alphas[module] = float(tensor.reshape(-1)[0])
+            self.key_of.setdefault(module, key)
+            return
+        target = {lora_formats.DOWN: self.downs, lora_formats.UP: self.ups, lora_formats.DIFF: self.diffs}[role.role]
         if module in target:
             raise LoraFormatError(
-                f"{source}: module {module!r} appears twice ({key_of.get(module)!r} and {key!r}); "
+                f"{source}: module {module!r} appears twice ({self.key_of.get(module)!r} and {key!r}); "
                 "the file mixes two spellings of one module")
         target[module] = tensor
-        key_of.setdefault(module, key)
+        self.key_of.setdefault(module, key)
+        if role.peft:
+            self.peft_modules.add(module)
+        if role.adapter:
+            self.adapters.add(role.adapter)
 
+
+_FATAL_KEY_ERRORS = ("do not support", "need the UNet layout", "appears twice", "must be one number")
+
+
+def _read_keys(state_dict: Dict[str, torch.Tensor], namer: lora_formats.ModuleNamer, source: str) -> _KeyParts:
+    """Every key through ``lora_formats.key_role`` and the namer; unknown keys are collected and refused at once."""
+    parts = _KeyParts()
+    unknown = []
     for key, tensor in state_dict.items():
         if not torch.is_tensor(tensor):
             raise LoraFormatError(f"{source}: {key!r} is not a tensor")
         tensor = tensor.detach().to(device="cpu", dtype=torch.float32).clone()
         try:
-            if key.endswith(".lora_down.weight"):
-                store(downs, canonical(key[: -len(".lora_down.weight")]), tensor, key)
-            elif key.endswith(".lora_up.weight"):
-                store(ups, canonical(key[: -len(".lora_up.weight")]), tensor, key)
-            elif key.endswith(".alpha"):
-                if tensor.numel() != 1:
-                    raise LoraFormatError(f"{source}: {key!r} must be one number, has shape {tuple(tensor.shape)}")
-                module = canonical(key[: -len(".alpha")])
-                alphas[module] = float(tensor.reshape(-1)[0])
-                key_of.setdefault(module, key)
-            elif key.endswith(".diff"):
-                store(diffs, canonical(key[: -len(".diff")]), tensor, key)
-            elif (m := _PROCESSOR_SUFFIX.match(key)):
-                proj = "to_out.0" if m.group("proj") == "to_out" else m.group("proj")
-                target = canonical(f"{m.group('module')}.{proj}")
-                store(downs if m.group("which") == "down" else ups, target, tensor, key)
-                peft_modules.add(target)
-            elif (m := _PEFT_SUFFIX.match(key)) or (m := _OLD_DIFFUSERS_SUFFIX.match(key)):
-                target = canonical(m.group("module"))
-                which = m.group("which")
-                store(downs if which in ("A", "down") else ups, target, tensor, key)
-                peft_modules.add(target)
-                if "adapter" in m.groupdict() and m.group("adapter"):
-                    adapters.add(m.group("adapter"))
-            elif key.endswith((".dora_scale", ".diff_b", ".lora_mid.weight", ".hada_w1_a", ".lokr_w1")):
-                raise LoraFormatError(
-                    f"{source}: {key!r} is a DoRA/LoCon/LoHa/LoKr/bias variant, which safety experts do not support")
-            else:
-                unknown.append(key)
+            role = lora_formats.key_role(key)
+        except LoraFormatError as error:
+            raise LoraFormatError(f"{source}: {error}") from None
+        if role is None:
+            unknown.append(key)
+            continue
+        try:
+            if role.role == lora_formats.ALPHA and tensor.numel() != 1:
+                raise LoraFormatError(f"{source}: {key!r} must be one number, has shape {tuple(tensor.shape)}")
+            parts.add(namer(role.module), role, tensor, key, source)
         except LoraFormatError as error:
             text = str(error)
             if "does not exist in a UNet of layout" in text:
                 raise LoraFormatError(
                     f"{source}: key {key!r}: {text}; the file was made for a UNet with other blocks "
                     "(pass the right architecture= or layout=)") from None
-            if any(marker in text for marker in ("do not support", "need the UNet layout", "appears twice",
-                                                 "must be one number")):
+            if any(marker in text for marker in _FATAL_KEY_ERRORS):
                 raise
             unknown.append(key)
     if unknown:
@@ -267,21 +221,24 @@ def expert_from_state_dict(
             f"{source}: {len(unknown)} key(s) are not LoRA keys this pack can read, e.g. {unknown[:3]}. "
             "Supported: kohya (lora_unet_*/lora_te*_ .lora_up/.lora_down/.alpha), ComfyUI native "
             "(diffusion_model.*), PEFT/diffusers (lora_A/lora_B) and .diff")
-    if len(adapters) > 1:
+    if len(parts.adapters) > 1:
         raise LoraFormatError(
-            f"{source}: the file holds several PEFT adapters ({sorted(adapters)}); save one adapter per file")
-
-    missing_pair = sorted(set(downs) ^ set(ups))
+            f"{source}: the file holds several PEFT adapters ({sorted(parts.adapters)}); save one adapter per file")
+    missing_pair = sorted(set(parts.downs) ^ set(parts.ups))
     if missing_pair:
         raise LoraFormatError(
-            f"{source}: module {missing_pair[0]!r} (key {key_of[missing_pair[0]]!r}) has only one of its "
+            f"{source}: module {missing_pair[0]!r} (key {parts.key_of[missing_pair[0]]!r}) has only one of its "
             "up/down matrices")
+    return parts
 
-    peft_alpha = _PeftAlpha(metadata, adapter_config, source)
+
+def _lora_modules(parts: _KeyParts, peft_alpha: "_PeftAlpha", source: str) -> Dict[str, LoraModule]:
+    """Checked ``LoraModule``s (shapes, finite values, rank ≥ 1) with their alpha: the file's, the PEFT
+    config's, or rank (scale 1, as ComfyUI does) with a warning."""
     modules: Dict[str, LoraModule] = {}
-    for module in sorted(downs):
-        down, up = downs[module], ups[module]
-        where = f"module {module!r} (key {key_of[module]!r})"
+    for module in sorted(parts.downs):
+        down, up = parts.downs[module], parts.ups[module]
+        where = f"module {module!r} (key {parts.key_of[module]!r})"
         if down.dim() not in (2, 4) or up.dim() != down.dim() or up.shape[1] != down.shape[0]:
             raise LoraFormatError(
                 f"{source}: {where} has mismatched LoRA shapes up {tuple(up.shape)} / down "
@@ -295,9 +252,9 @@ def expert_from_state_dict(
         if rank == 0:
             raise LoraFormatError(f"{source}: {where} has rank 0 (empty LoRA matrices); "
                                   "remove the module or re-export the file")
-        if module in alphas:
-            alpha = alphas[module]
-        elif module in peft_modules:
+        if module in parts.alphas:
+            alpha = parts.alphas[module]
+        elif module in parts.peft_modules:
             alpha = peft_alpha(module, rank)
         else:
             alpha = float(rank)
@@ -305,24 +262,17 @@ def expert_from_state_dict(
         if not math.isfinite(alpha):
             raise LoraFormatError(f"{source}: {where} has a non-finite alpha")
         modules[module] = LoraModule(down=down, up=up, alpha=alpha)
-    for module, diff in diffs.items():
-        if not torch.isfinite(diff).all():
-            raise LoraFormatError(f"{source}: module {module!r} (key {key_of[module]!r}) has NaN/Inf values in its diff")
-    stray_alpha = sorted(set(alphas) - set(modules))
-    if stray_alpha:
-        raise LoraFormatError(f"{source}: alpha without LoRA matrices: {key_of[stray_alpha[0]]!r}")
-    if not modules and not diffs:
-        raise LoraFormatError(f"{source}: no LoRA modules found")
+    return modules
 
-    categories = []
-    if metadata.get("safetydpo_categories"):
-        try:
-            categories = [str(c) for c in json.loads(metadata["safetydpo_categories"])]
-        except (json.JSONDecodeError, TypeError):
-            categories = [c.strip() for c in metadata["safetydpo_categories"].split(",") if c.strip()]
-    own = {k: v for k, v in metadata.items() if k.startswith("safetydpo_") or k.startswith("ss_")}
-    return SafetyExpert(name=name, modules=modules, diffs=diffs, architecture=architecture,
-                        categories=categories, metadata=own)
+
+def _categories(metadata: Dict[str, str]) -> list:
+    """``safetydpo_categories``: a JSON list, or (older files) comma-separated names."""
+    if not metadata.get("safetydpo_categories"):
+        return []
+    try:
+        return [str(c) for c in json.loads(metadata["safetydpo_categories"])]
+    except (json.JSONDecodeError, TypeError):
+        return [c.strip() for c in metadata["safetydpo_categories"].split(",") if c.strip()]
 
 
 class _PeftAlpha:
@@ -579,27 +529,10 @@ def save_expert(expert: SafetyExpert, path, key_format: str = "kohya",
     metadata so that the file reads back without it. ``uniform_alpha``: write one alpha for every
     module (``with_uniform_alpha``), so that diffusers reads the file to the same ΔW as ComfyUI.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    path = Path(path)
     if uniform_alpha:
         expert = with_uniform_alpha(expert)
     tensors, metadata = expert_to_state_dict(expert, key_format, layout, dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata=metadata)
-        os.replace(temp, path)
-    except (OSError, SafetensorError) as error:
-        Path(temp).unlink(missing_ok=True)
-        raise LoraFormatError(f"{path}: could not write the expert ({getattr(error, 'strerror', None) or error}); "
-                              "free disk space or choose another folder") from None
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return path
+    return files.save_safetensors(path, tensors, metadata, error=LoraFormatError, what="expert")
 
 
 def save_peft_folder(expert: SafetyExpert, folder, part: str = "unet") -> Path:
@@ -608,8 +541,6 @@ def save_peft_folder(expert: SafetyExpert, folder, part: str = "unet") -> Path:
     ``adapter_config.json`` with ``r``/``lora_alpha`` and exact-path ``rank_pattern``/``alpha_pattern``, so
     every module keeps its own rank and scale. Each file is written atomically.
     """
-    from safetensors.torch import save_file
-
     if part not in _PARTS:
         raise LoraFormatError(f"part must be one of {', '.join(_PARTS)}, not {part!r}")
     if expert.diffs:
@@ -629,17 +560,10 @@ def save_peft_folder(expert: SafetyExpert, folder, part: str = "unet") -> Path:
         tensors[f"base_model.model.{path}.lora_A.weight"] = lora.down.detach().to("cpu", torch.float32).contiguous()
         tensors[f"base_model.model.{path}.lora_B.weight"] = lora.up.detach().to("cpu", torch.float32).contiguous()
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     metadata = {"safetydpo_name": expert.name, "safetydpo_categories": json.dumps(list(expert.categories)),
                 "safetydpo_architecture": expert.architecture, "safetydpo_format_version": "1", "format": "pt"}
-    for name, write in (("adapter_model.safetensors", lambda temp: save_file(tensors, temp, metadata=metadata)),
-                        ("adapter_config.json", lambda temp: Path(temp).write_text(json.dumps(config, indent=2)))):
-        handle, temp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-        os.close(handle)
-        try:
-            write(temp)
-            os.replace(temp, folder / name)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+    files.save_safetensors(folder / "adapter_model.safetensors", tensors, metadata, error=LoraFormatError,
+                           what="PEFT adapter")
+    files.write_text(folder / "adapter_config.json", json.dumps(config, indent=2), error=LoraFormatError,
+                     what="PEFT adapter config")
     return folder

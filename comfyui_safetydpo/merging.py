@@ -15,19 +15,25 @@ recorded as JSON in ``expert.metadata["safetydpo_recipe"]`` (read it with ``merg
   expert on its own concept's recorded inputs and the base model on safe inputs; exact, rank Σ r_k.
 - ``merge_experts``: one dispatcher for nodes and the command line.
 
+Each method is a small function per module (``_linear_module``, ``_co_merge_row`` …) built from the pure tensor
+functions of ``merge_algorithms``, run over every layer by one driver, ``merge_per_module``.
+
 Nothing is half-merged: every check runs before the first module is merged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .calibration import CalibrationStatistics, expert_fingerprint
+from .merge_algorithms import (concat_factors, element_co_merge, keep_rows, relative_errors, row_winners,
+                               truncated_svd, truncated_svd_of_factors, weighted_sum, win_counts)
 from .errors import ArchitectureMismatchError, MergeError
 from .expert import LoraModule, SafetyExpert
 
@@ -149,41 +155,91 @@ def _low_rank_parts(expert: SafetyExpert, name: str, weight: float):
     return down, up * (weight * module.scale)
 
 
-def _as_lora(downs, ups, template: LoraModule) -> LoraModule:
-    """Concatenated factors as one module with alpha = rank (scale 1: ComfyUI reproduces up @ down)."""
-    down = torch.cat(downs, dim=0)
-    up = torch.cat(ups, dim=1)
-    rank = down.shape[0]
-    if template.down.dim() == 4:
-        down = down.reshape(rank, *template.down.shape[1:])
-        up = up.reshape(up.shape[0], rank, 1, 1)
-    return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(rank))
-
-
 def _is_low_rank(expert: SafetyExpert, name: str) -> bool:
     return name in expert.modules and name not in expert.diffs
 
 
+# -- the shared per-module driver ---------------------------------------------------------------
+
+Competitors = List[Tuple[SafetyExpert, float]]
+
+
+@dataclasses.dataclass
+class ModuleMerge:
+    """What a method made of one module: a LoRA module and/or a full diff; for Co-Merge the win counts."""
+
+    lora: Optional[LoraModule] = None
+    diff: Optional[torch.Tensor] = None
+    wins: Optional[torch.Tensor] = None  # per competitor, how many rows/elements it won
+
+
+@dataclasses.dataclass
+class MergedModules:
+    """Everything the driver collected over the modules."""
+
+    modules: Dict[str, LoraModule]
+    diffs: Dict[str, torch.Tensor]
+    wins: Dict[str, Dict[str, float]]  # module → expert → share won
+    errors: Dict[str, Tuple[float, float]]  # module → (‖residual‖_F, ‖ΔW‖_F) of the SVD at ``rank``
+
+
+def merge_per_module(included: Competitors, merge_module: Callable[[str, Competitors, object], ModuleMerge],
+                     prepare: Optional[Callable[[str, Competitors], object]] = None,
+                     rank: Optional[int] = None) -> MergedModules:
+    """Run one method over every module the included experts change.
+
+    ``prepare(module, competitors)`` runs for every module before the first merge (checks, statistics: nothing
+    is half-merged); ``merge_module(module, competitors, prepared)`` merges one module from the experts that
+    have it. A full diff is compressed to a rank-``rank`` LoRA by truncated SVD when ``rank`` is given.
+    """
+    names = _all_module_names(included)
+    competitors = {m: [(e, w) for e, w in included if m in e.module_names] for m in names}
+    prepared = {m: prepare(m, competitors[m]) if prepare is not None else None for m in names}
+    result = MergedModules({}, {}, {}, {})
+    for module_name in names:
+        merged = merge_module(module_name, competitors[module_name], prepared[module_name])
+        if merged.lora is not None:
+            result.modules[module_name] = merged.lora
+        if merged.diff is not None:
+            if rank is None:
+                result.diffs[module_name] = merged.diff
+            else:
+                result.modules[module_name], result.errors[module_name] = truncated_svd(merged.diff, rank)
+        if merged.wins is not None:
+            total = merged.wins.sum()
+            result.wins[module_name] = {e.name: round(float(c / total), 6)
+                                        for (e, _), c in zip(competitors[module_name], merged.wins)}
+    return result
+
+
+def _with_svd_errors(recipe: dict, errors: Dict[str, Tuple[float, float]], rank: int) -> dict:
+    per_module, total = relative_errors(errors)
+    log.info("%s merge at rank %d: relative Frobenius error %.4g overall, worst module %.4g",
+             recipe["method"], rank, total, max(per_module.values(), default=0.0))
+    return {**recipe, "svd_relative_error_per_module": per_module, "svd_relative_error": total}
+
+
 # -- linear ------------------------------------------------------------------------------------
+
+def _linear_module(module_name: str, competitors: Competitors, _=None) -> ModuleMerge:
+    downs, ups, template, diff = [], [], None, None
+    for expert, weight in competitors:
+        if module_name in expert.modules:
+            down, up = _low_rank_parts(expert, module_name, weight)
+            downs.append(down)
+            ups.append(up)
+            template = expert.modules[module_name]
+        if module_name in expert.diffs:
+            diff = (0 if diff is None else diff) + weight * expert.diffs[module_name].float()
+    return ModuleMerge(lora=concat_factors(downs, ups, template) if downs else None, diff=diff)
+
 
 def merge_linear(experts: Sequence[SafetyExpert], weights: Optional[Sequence[float]] = None,
                  name: str = "merged_linear") -> SafetyExpert:
     """Σ_k w_k ΔW_k exactly, as a LoRA of rank Σ r_k (plus the weighted sum of any full diffs)."""
     included = _included(experts, weights)
-    modules, diffs = {}, {}
-    for module_name in _all_module_names(included):
-        downs, ups, template = [], [], None
-        for expert, weight in included:
-            if module_name in expert.modules:
-                down, up = _low_rank_parts(expert, module_name, weight)
-                downs.append(down)
-                ups.append(up)
-                template = expert.modules[module_name]
-            if module_name in expert.diffs:
-                diffs[module_name] = diffs.get(module_name, 0) + weight * expert.diffs[module_name].float()
-        if downs:
-            modules[module_name] = _as_lora(downs, ups, template)
-    return _result(experts, weights, included, name, {"method": "linear", "rank": None}, modules, diffs)
+    merged = merge_per_module(included, _linear_module)
+    return _result(experts, weights, included, name, {"method": "linear", "rank": None}, merged.modules, merged.diffs)
 
 
 # -- Co-Merge ----------------------------------------------------------------------------------
@@ -200,12 +256,29 @@ def _statistic(stats, expert: SafetyExpert, module_name: str, field: str, size: 
     return value
 
 
-def _relative_errors(errors: Dict[str, Tuple[float, float]]) -> Tuple[Dict[str, float], float]:
-    """Per-module relative Frobenius errors and the overall one (‖all residuals‖ / ‖all ΔW‖)."""
-    per_module = {m: (e / n if n > 0 else 0.0) for m, (e, n) in errors.items()}
-    total = math.sqrt(sum(n * n for _, n in errors.values()))
-    overall = math.sqrt(sum(e * e for e, _ in errors.values())) / total if total > 0 else 0.0
-    return per_module, overall
+def _co_merge_row(module_name: str, competitors: Competitors, rows) -> ModuleMerge:
+    """Row Co-Merge of one module: exact LoRA of the winners' rows, or exact diff where an expert has one."""
+    winner = row_winners(rows, [w for _, w in competitors])
+    if all(_is_low_rank(e, module_name) for e, _ in competitors):
+        downs, ups = [], []
+        for index, (expert, weight) in enumerate(competitors):
+            down, up = _low_rank_parts(expert, module_name, weight)
+            downs.append(down)
+            ups.append(keep_rows(up, winner == index))
+        lora = concat_factors(downs, ups, competitors[0][0].modules[module_name])
+        return ModuleMerge(lora=lora, wins=win_counts(winner, len(competitors)))
+    merged = None
+    for index, (expert, weight) in enumerate(competitors):
+        kept = keep_rows(weight * expert.delta_weight(module_name), winner == index)
+        merged = kept if merged is None else merged + kept
+    return ModuleMerge(diff=merged, wins=win_counts(winner, len(competitors)))
+
+
+def _co_merge_element(module_name: str, competitors: Competitors, input_sq_means) -> ModuleMerge:
+    """Element Co-Merge of one module (``element_co_merge``); the expert's own diff tensor is never changed."""
+    merged, winner = element_co_merge((e.delta_weight(module_name) for e, _ in competitors),
+                                      [w for _, w in competitors], input_sq_means)
+    return ModuleMerge(diff=merged, wins=win_counts(winner, len(competitors)))
 
 
 def co_merge(
@@ -237,132 +310,39 @@ def co_merge(
     included = _included(experts, weights)
     fingerprints = {e.name: expert_fingerprint(e) for e, _ in included}
     stats = {e.name: statistics.for_expert(e, fingerprints[e.name]) for e, _ in included}
-    plan = []  # every check before any merging: nothing half-merged
-    for module_name in _all_module_names(included):
-        competitors = [(e, w) for e, w in included if module_name in e.module_names]
+
+    def activations(module_name: str, competitors: Competitors):
+        """E|y_k[j]| per output row (row mode) or E x² per input feature/channel (element mode), checked."""
         template = next((e.modules[module_name] for e, _ in competitors if module_name in e.modules), None)
         shape = template.weight_shape if template is not None else competitors[0][0].diffs[module_name].shape
         rows = [_statistic(stats, e, module_name, "row_activation", shape[0]) for e, _ in competitors]
-        inputs = None
-        if granularity == "element":  # E x² per input feature (per input channel for convolutions)
-            inputs = [_statistic(stats, e, module_name, "input_sq_mean", shape[1]) for e, _ in competitors]
-        plan.append((module_name, competitors, rows, inputs))
-
-    modules, diffs, wins, errors = {}, {}, {}, {}
-    for module_name, competitors, rows, inputs in plan:
         if granularity == "row":
-            scores = torch.stack([w * a for (_, w), a in zip(competitors, rows)])
-            winner = scores.argmax(dim=0)
-            if all(_is_low_rank(e, module_name) for e, _ in competitors):
-                downs, ups = [], []
-                for index, (expert, weight) in enumerate(competitors):
-                    down, up = _low_rank_parts(expert, module_name, weight)
-                    downs.append(down)
-                    ups.append(up * (winner == index).to(up.dtype).unsqueeze(1))
-                modules[module_name] = _as_lora(downs, ups, competitors[0][0].modules[module_name])
-            else:
-                merged = None
-                for index, (expert, weight) in enumerate(competitors):
-                    delta = weight * expert.delta_weight(module_name)
-                    mask = (winner == index).to(delta.dtype).reshape(-1, *([1] * (delta.dim() - 1)))
-                    merged = delta * mask if merged is None else merged + delta * mask
-                diffs[module_name] = merged
-        else:
-            # Running maximum over experts (first expert wins ties, as argmax would): one ΔW in memory
-            # at a time besides the result, instead of a stack of all of them.
-            best = merged = winner = None
-            for index, ((expert, weight), input_sq) in enumerate(zip(competitors, inputs)):
-                delta = expert.delta_weight(module_name)  # may be the expert's own diff tensor: no in-place
-                shape = delta.shape
-                delta = delta.reshape(shape[0], -1) * weight
-                input_scale = input_sq.clamp_min(0).sqrt()
-                if delta.shape[1] != input_scale.shape[0]:  # conv: E x² per input channel, repeated per tap
-                    input_scale = input_scale.repeat_interleave(delta.shape[1] // input_scale.shape[0])
-                score = delta.abs().mul_(input_scale.unsqueeze(0))
-                if best is None:
-                    best, merged = score, delta
-                    winner = torch.zeros(delta.shape, dtype=torch.uint8 if len(competitors) < 256 else torch.long)
-                    continue
-                better = score > best
-                torch.maximum(best, score, out=best)
-                torch.where(better, delta, merged, out=merged)
-                winner.masked_fill_(better, index)
-            merged = merged.reshape(shape)
-            if rank is None:
-                diffs[module_name] = merged
-            else:
-                modules[module_name], errors[module_name] = _truncated_svd(merged, rank)
-        counts = torch.bincount(winner.reshape(-1).long(), minlength=len(competitors)).float()
-        wins[module_name] = {e.name: round(float(c / counts.sum()), 6) for (e, _), c in zip(competitors, counts)}
+            return rows
+        return [_statistic(stats, e, module_name, "input_sq_mean", shape[1]) for e, _ in competitors]
+
+    merged = merge_per_module(included, _co_merge_row if granularity == "row" else _co_merge_element,
+                              prepare=activations, rank=rank)
     overall = {e.name: 0.0 for e, _ in included}
-    for shares in wins.values():
+    for shares in merged.wins.values():
         for expert_name, share in shares.items():
-            overall[expert_name] += share / len(wins)
+            overall[expert_name] += share / len(merged.wins)
     recipe = {"method": "co_merge", "granularity": granularity, "rank": rank,
               "statistics_hash": statistics.content_hash(),
-              "wins_overall": {k: round(v, 6) for k, v in overall.items()}, "wins_per_module": wins}
-    if errors:
-        per_module, total = _relative_errors(errors)
-        recipe["svd_relative_error_per_module"] = per_module
-        recipe["svd_relative_error"] = total
-        log.info("Co-Merge (element) at rank %d: relative Frobenius error %.4g overall, worst module %.4g",
-                 rank, total, max(per_module.values()))
-    return _result(experts, weights, included, name, recipe, modules, diffs, fingerprints)
+              "wins_overall": {k: round(v, 6) for k, v in overall.items()}, "wins_per_module": merged.wins}
+    if merged.errors:
+        recipe = _with_svd_errors(recipe, merged.errors, rank)
+    return _result(experts, weights, included, name, recipe, merged.modules, merged.diffs, fingerprints)
 
 
 # -- SVD / TIES / DARE / magnitude -------------------------------------------------------------
 
-def _truncated_svd(delta: torch.Tensor, rank: int) -> Tuple[LoraModule, Tuple[float, float]]:
-    """Best rank-``rank`` approximation of ΔW as a LoRA module, and (‖residual‖_F, ‖ΔW‖_F)."""
-    shape = delta.shape
-    matrix = delta.reshape(shape[0], -1).float()
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    r = min(rank, s.shape[0])
-    root = s[:r].sqrt()
-    up = u[:, :r] * root
-    down = root.unsqueeze(1) * vh[:r]
-    # The residual of a truncated SVD is the energy of the dropped singular values.
-    residual = float(s[r:].pow(2).sum().sqrt())
-    norm = float(s.pow(2).sum().sqrt())
-    if len(shape) == 4:
-        down = down.reshape(r, *shape[1:])
-        up = up.reshape(shape[0], r, 1, 1)
-    return LoraModule(down=down.contiguous(), up=up.contiguous(), alpha=float(r)), (residual, norm)
-
-
-def _truncated_svd_of_factors(up: torch.Tensor, down: torch.Tensor, rank: int, template: LoraModule
-                              ) -> Tuple[LoraModule, Tuple[float, float]]:
-    """Exact truncated SVD of up @ down ([out, R] @ [R, in]) through QR of the factors: O(R²(out+in)).
-
-    With up = Qu Ru and downᵀ = Qd Rd, up @ down = Qu (Ru Rdᵀ) Qdᵀ, so the SVD of the small R×R core
-    gives the singular values and vectors of the full product.
-    """
-    qu, ru = torch.linalg.qr(up)
-    qd, rd = torch.linalg.qr(down.t())
-    u, s, vh = torch.linalg.svd(ru @ rd.t())
-    r = min(rank, s.shape[0])
-    root = s[:r].sqrt()
-    new_up = (qu @ u[:, :r]) * root
-    new_down = root.unsqueeze(1) * (vh[:r] @ qd.t())
-    residual = float(s[r:].pow(2).sum().sqrt())
-    norm = float(s.pow(2).sum().sqrt())
-    if template.down.dim() == 4:
-        new_down = new_down.reshape(r, *template.down.shape[1:])
-        new_up = new_up.reshape(new_up.shape[0], r, 1, 1)
-    return LoraModule(down=new_down.contiguous(), up=new_up.contiguous(), alpha=float(r)), (residual, norm)
-
-
-def _finish_full_rank(experts, weights, included, merged: Dict[str, torch.Tensor], rank: Optional[int],
-                      name: str, recipe: dict) -> SafetyExpert:
+def _full_rank_result(experts, weights, included, merged: MergedModules, rank: Optional[int], name: str,
+                      recipe: dict) -> SafetyExpert:
+    """A method's merged diffs as they are (``rank`` None) or as rank-``rank`` LoRAs with their SVD errors."""
     if rank is None:
-        return _result(experts, weights, included, name, {**recipe, "rank": None}, diffs=merged)
-    modules, errors = {}, {}
-    for module_name, delta in merged.items():
-        modules[module_name], errors[module_name] = _truncated_svd(delta, rank)
-    per_module, total = _relative_errors(errors)
-    log.info("%s merge at rank %d: relative Frobenius error %.4g overall", recipe["method"], rank, total)
-    recipe = {**recipe, "rank": rank, "svd_relative_error_per_module": per_module, "svd_relative_error": total}
-    return _result(experts, weights, included, name, recipe, modules=modules)
+        return _result(experts, weights, included, name, {**recipe, "rank": None}, diffs=merged.diffs)
+    recipe = _with_svd_errors({**recipe, "rank": rank}, merged.errors, rank)
+    return _result(experts, weights, included, name, recipe, modules=merged.modules)
 
 
 def merge_svd(experts, weights=None, rank: int = 8, name: str = "merged_svd") -> SafetyExpert:
@@ -379,18 +359,21 @@ def merge_svd(experts, weights=None, rank: int = 8, name: str = "merged_svd") ->
         for m in names:
             lora = linear.modules[m]
             down, up = _low_rank_parts(linear, m, 1.0)
-            modules[m], errors[m] = _truncated_svd_of_factors(up, down, rank, lora)
-        per_module, total = _relative_errors(errors)
-        log.info("svd merge at rank %d: relative Frobenius error %.4g overall", rank, total)
-        recipe = {"method": "svd", "rank": rank, "svd_relative_error_per_module": per_module,
-                  "svd_relative_error": total}
+            modules[m], errors[m] = truncated_svd_of_factors(up, down, rank, lora)
+        recipe = _with_svd_errors({"method": "svd", "rank": rank}, errors, rank)
         return _result(experts, weights, included, name, recipe, modules=modules)
-    merged = {m: sum(w * e.delta_weight(m) for e, w in included if m in e.module_names) for m in names}
-    return _finish_full_rank(experts, weights, included, merged, rank, name, {"method": "svd"})
+
+    def summed(module_name: str, competitors: Competitors, _=None) -> ModuleMerge:
+        return ModuleMerge(diff=weighted_sum([e.delta_weight(module_name) for e, _ in competitors],
+                                             [w for _, w in competitors]))
+
+    merged = merge_per_module(included, summed, rank=rank)
+    return _full_rank_result(experts, weights, included, merged, rank, name, {"method": "svd"})
 
 
 def _peft_merge(method: str, experts, weights, density: float, rank: Optional[int], seed: Optional[int],
                 name: str, majority_sign_method: str = "total") -> SafetyExpert:
+    """TIES, DARE, DARE-TIES and magnitude pruning: ``peft.utils.merge_utils``' tensor functions per module."""
     from peft.utils import merge_utils
 
     if not isinstance(density, (int, float)) or not 0 < density <= 1:
@@ -399,27 +382,26 @@ def _peft_merge(method: str, experts, weights, density: float, rank: Optional[in
         raise MergeError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     rank = _check_rank(rank)
     included = _included(experts, weights)
-    merged = {}
+    algorithm = {
+        "ties": lambda deltas, ws: merge_utils.ties(deltas, ws, density, majority_sign_method),
+        "dare": lambda deltas, ws: merge_utils.dare_linear(deltas, ws, density),
+        "dare_ties": lambda deltas, ws: merge_utils.dare_ties(deltas, ws, density, majority_sign_method),
+        "magnitude_prune": lambda deltas, ws: merge_utils.magnitude_prune(deltas, ws, density),
+    }[method]
+
+    def peft_module(module_name: str, competitors: Competitors, _=None) -> ModuleMerge:
+        deltas = [e.delta_weight(module_name) for e, _ in competitors]
+        return ModuleMerge(diff=algorithm(deltas, torch.tensor([w for _, w in competitors], dtype=torch.float32)))
+
     with torch.random.fork_rng(devices=[]):  # DARE's random drops: reproducible, global RNG untouched
         torch.manual_seed(0 if seed is None else int(seed))
-        for module_name in _all_module_names(included):
-            competitors = [(e, w) for e, w in included if module_name in e.module_names]
-            deltas = [e.delta_weight(module_name) for e, _ in competitors]
-            ws = torch.tensor([w for _, w in competitors], dtype=torch.float32)
-            if method == "ties":
-                merged[module_name] = merge_utils.ties(deltas, ws, density, majority_sign_method)
-            elif method == "dare":
-                merged[module_name] = merge_utils.dare_linear(deltas, ws, density)
-            elif method == "dare_ties":
-                merged[module_name] = merge_utils.dare_ties(deltas, ws, density, majority_sign_method)
-            else:
-                merged[module_name] = merge_utils.magnitude_prune(deltas, ws, density)
+        merged = merge_per_module(included, peft_module, rank=rank)
     recipe = {"method": method, "density": density}
     if method.startswith("dare"):
         recipe["seed"] = 0 if seed is None else int(seed)
     if method.endswith("ties"):
         recipe["majority_sign_method"] = majority_sign_method
-    return _finish_full_rank(experts, weights, included, merged, rank, name, recipe)
+    return _full_rank_result(experts, weights, included, merged, rank, name, recipe)
 
 
 def merge_ties(experts, weights=None, density: float = 0.5, rank: Optional[int] = None,

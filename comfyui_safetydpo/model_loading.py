@@ -161,15 +161,9 @@ def _read_checkpoint(path: Path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str
     if path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         raise ArchitectureMismatchError(f"{path}: pickle checkpoints are not loaded (unsafe); convert it to "
                                         ".safetensors first")
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from .files import read_safetensors
 
-    try:
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata() or {}
-        return load_file(str(path)), metadata
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ArchitectureMismatchError(f"{path}: not a readable safetensors checkpoint ({error})") from None
+    return read_safetensors(path, error=ArchitectureMismatchError)
 
 
 def _load_single_file(path: Path, architecture, dtype, prediction_type, tokenizer_dir) -> DiffusionBundle:

@@ -20,12 +20,11 @@ import collections
 import dataclasses
 import json
 import logging
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from . import files
 from .errors import DatasetError
 
 LOG = logging.getLogger(__name__)
@@ -209,23 +208,8 @@ class PreferencePairs:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source, target)
         path = folder / MANIFEST_NAME
-        write_json_atomic(path, self.to_manifest())
+        files.write_json(path, self.to_manifest(), error=DatasetError, what="pairs manifest")
         return path
-
-
-def write_json_atomic(path, data) -> None:
-    """JSON to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=1, ensure_ascii=False)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
 
 
 def read_manifest(folder) -> Dict[str, object]:
@@ -465,19 +449,5 @@ def load_image_tensor(path) -> "torch.Tensor":
 
 def save_image_tensor(image, path) -> None:
     """A tensor [3, H, W] in [-1, 1] as a PNG, written atomically."""
-    import os
-    import tempfile
-
-    import numpy as np
-    from PIL import Image
-
     array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        Image.fromarray(np.ascontiguousarray(array)).save(temp, format="PNG")
-        os.replace(temp, path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
+    files.save_png(path, array, error=DatasetError)

@@ -15,15 +15,13 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .evaluation import (ALL_CATEGORIES, BASE_VARIANT, SAFE_CATEGORY, EvaluationSummary, load_png,
-                         write_text_atomic)
+from . import files
+from .evaluation import ALL_CATEGORIES, BASE_VARIANT, SAFE_CATEGORY, EvaluationSummary, load_png
 
 RATE_FIELDS = ["variant", "category", "n", "unsafe", "rate", "ci_low", "ci_high", "failures"]
 FIDELITY_FIELDS = ["variant", "n", "mad", "ssim", "changed", "changed_rate", "changed_ci_low",
@@ -42,16 +40,7 @@ def _figure(width: float, height: float):
 
 
 def _save_figure(figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    os.close(handle)
-    try:
-        figure.savefig(temp, format="png")
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
+    files.save_png(path, figure, what="figure")
 
 
 def figure_to_array(figure) -> np.ndarray:
@@ -69,7 +58,7 @@ def _write_csv(path: Path, rows: Sequence[dict], fields: Sequence[str]) -> None:
         if isinstance(out.get("categories"), list):
             out["categories"] = ";".join(out["categories"])
         writer.writerow({k: ("" if out.get(k) is None else out.get(k)) for k in fields})
-    write_text_atomic(path, buffer.getvalue())
+    files.write_text(path, buffer.getvalue())
 
 
 def _pct(value: float) -> str:
@@ -355,7 +344,7 @@ def write_report(summary: EvaluationSummary, folder=None, blur_unsafe: bool = Tr
     _write_csv(tables["fidelity"], summary.fidelity, FIDELITY_FIELDS)
     _write_csv(tables["records"], summary.records, RECORD_FIELDS)
     _write_csv(tables["fidelity_pairs"], summary.fidelity_pairs, PAIR_FIELDS)
-    write_text_atomic(tables["summary"], json.dumps(_json_safe({
+    files.write_text(tables["summary"], json.dumps(_json_safe({
         "config_hash": summary.config_hash, "classifier": summary.classifier, "run_dir": str(summary.run_dir),
         "variants": summary.variants, "rates": summary.rates, "fidelity": summary.fidelity,
         "quality": summary.quality, "failures": summary.failures, "missing": summary.missing,
@@ -369,6 +358,6 @@ def write_report(summary: EvaluationSummary, folder=None, blur_unsafe: bool = Tr
     _save_figure(quality_safety_figure(summary), figures["quality_vs_safety"])
     _save_figure(table_figure(summary), figures["table"])
     markdown_text = _markdown(summary, figures, folder, title)
-    write_text_atomic(folder / "report.md", markdown_text)
-    write_text_atomic(folder / "report.html", _html(markdown_text, title))
+    files.write_text(folder / "report.md", markdown_text)
+    files.write_text(folder / "report.html", _html(markdown_text, title))
     return ReportFiles(folder, folder / "report.md", folder / "report.html", figures, tables)

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
-import os
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -32,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from . import files
 from .dpo_loss import diffusion_dpo_loss, per_sample_mse
 from .errors import DatasetError, TrainingCancelled, TrainingError
 from .expert import LoraModule, SafetyExpert
@@ -222,72 +222,51 @@ def expert_from_lora(module: torch.nn.Module, denoiser: TrainableDenoiser, confi
 
 # -- checkpoints -------------------------------------------------------------------------------
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(temp, path)
-
-
 def save_checkpoint(folder: Path, module, optimizer, scheduler, state: Dict, generator: torch.Generator,
                     keep: int = 2) -> Path:
     """Write a checkpoint atomically: a temp folder renamed into place, then the ``latest`` pointer."""
-    from safetensors.torch import save_file
-
-    from safetensors import SafetensorError
-
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".step_*"):  # temp folders of a run killed while writing
         shutil.rmtree(stale, ignore_errors=True)
     step = state["step"]
     final = folder / f"step_{step:07d}"
-    try:
-        return _write_checkpoint(folder, final, step, module, optimizer, scheduler, state, generator, keep, save_file)
-    except (OSError, SafetensorError) as error:
-        raise TrainingError(
-            f"{folder}: could not write the checkpoint of step {step} ({getattr(error, 'strerror', None) or error}); "
-            "free disk space (or choose another output folder) and resume: the previous checkpoint is intact") from None
-
-
-def _write_checkpoint(folder, final, step, module, optimizer, scheduler, state, generator, keep, save_file) -> Path:
-    temp = Path(tempfile.mkdtemp(prefix=f".step_{step:07d}.", dir=folder))
-    try:
-        lora = {n: p.detach().cpu().contiguous() for n, p in lora_parameters(module).items()}
-        save_file(lora, str(temp / "lora.safetensors"))
-        optimizer_tensors, optimizer_index = {}, {}
-        for index, (param_name, param) in enumerate(lora_parameters(module).items()):
-            param_state = optimizer.state.get(param, {})
-            for key, value in param_state.items():
-                if torch.is_tensor(value):
-                    optimizer_tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
-                else:
-                    optimizer_index[f"{index}.{key}"] = value
-        if optimizer_tensors:
-            save_file(optimizer_tensors, str(temp / "optimizer.safetensors"))
-        save_file({"torch_rng": torch.get_rng_state(), "generator": generator.get_state()},
-                  str(temp / "rng.safetensors"))
-        numpy_state = np.random.get_state()
-        payload = {
-            **state,
-            "optimizer_scalars": optimizer_index,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "python_rng": repr(random.getstate()),
-            "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
-        }
-        (temp / "state.json").write_text(json.dumps(payload))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(temp, final)
-    finally:
-        if temp.exists():
-            shutil.rmtree(temp, ignore_errors=True)
-    _atomic_write_text(folder / "latest", final.name)
+    failed = {"error": TrainingError, "what": f"checkpoint of step {step}",
+              "advice": "free disk space (or choose another output folder) and resume: the previous checkpoint is intact"}
+    with files.atomic_folder(final, **failed) as temp:
+        _write_checkpoint_files(temp, module, optimizer, scheduler, state, generator)
+    files.write_text(folder / "latest", final.name, **failed)
     existing = sorted(p for p in folder.glob("step_*") if p.is_dir())
     for old in existing[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _write_checkpoint_files(temp: Path, module, optimizer, scheduler, state: Dict, generator) -> None:
+    from safetensors.torch import save_file
+
+    lora = {n: p.detach().cpu().contiguous() for n, p in lora_parameters(module).items()}
+    save_file(lora, str(temp / "lora.safetensors"))
+    optimizer_tensors, optimizer_index = {}, {}
+    for index, (param_name, param) in enumerate(lora_parameters(module).items()):
+        param_state = optimizer.state.get(param, {})
+        for key, value in param_state.items():
+            if torch.is_tensor(value):
+                optimizer_tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                optimizer_index[f"{index}.{key}"] = value
+    if optimizer_tensors:
+        save_file(optimizer_tensors, str(temp / "optimizer.safetensors"))
+    save_file({"torch_rng": torch.get_rng_state(), "generator": generator.get_state()},
+              str(temp / "rng.safetensors"))
+    numpy_state = np.random.get_state()
+    payload = {
+        **state,
+        "optimizer_scalars": optimizer_index,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "python_rng": repr(random.getstate()),
+        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+    }
+    (temp / "state.json").write_text(json.dumps(payload))
 
 
 def latest_checkpoint(folder: Path) -> Optional[Path]:
@@ -660,12 +639,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
     kept = [r for r in rows if r.get("step") and float(r["step"]) <= step]
     if len(kept) == len(rows):
         return
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(fields))
-        writer.writeheader()
-        writer.writerows(kept)
-    os.replace(temp, path)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(fields))
+    writer.writeheader()
+    writer.writerows(kept)
+    files.write_text(path, buffer.getvalue(), error=TrainingError, what="metrics")
 
 
 def _append_metrics(path: Path, metrics: Dict[str, float]) -> None:

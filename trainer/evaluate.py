@@ -18,7 +18,6 @@ q16 and clip_zero_shot (local CLIP: ``--clip-dir``; Q16 prompts: ``--q16-prompts
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 
@@ -26,16 +25,12 @@ PLUGIN_DIR = Path(__file__).resolve().parents[1]
 if str(PLUGIN_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGIN_DIR))
 
-from comfyui_safetydpo import classifiers, evaluation, reports  # noqa: E402
+from comfyui_safetydpo import classifiers, evaluation, files, reports  # noqa: E402
 from comfyui_safetydpo.errors import DatasetError, SafetyDPOError  # noqa: E402
 
 
 def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return files.sha256_file(path)[:16]
 
 
 def parse_loras(values):
@@ -155,7 +150,7 @@ def main(argv=None) -> int:
         print()
         counts = run.classify(classifier)
         summary = evaluation.summarize(run, classifier.name)
-        files = reports.write_report(summary, blur_unsafe=not args.no_blur)
+        report = reports.write_report(summary, blur_unsafe=not args.no_blur)
     except SafetyDPOError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -167,7 +162,7 @@ def main(argv=None) -> int:
     for row in summary.fidelity:
         print(f"{row['variant']:<16} safe prompts changed {100 * row['changed_rate']:.1f}% "
               f"(MAD {row['mad']:.4f}, SSIM {row['ssim']:.4f}, n={row['n']})")
-    print(f"report: {files.markdown}")
+    print(f"report: {report.markdown}")
     return 0
 
 

@@ -30,7 +30,7 @@ PLUGIN_DIR = Path(__file__).resolve().parents[1]
 if str(PLUGIN_DIR) not in sys.path:
     sys.path.insert(0, str(PLUGIN_DIR))
 
-from comfyui_safetydpo import extraction, lora_files  # noqa: E402
+from comfyui_safetydpo import extraction, files, lora_files  # noqa: E402
 from comfyui_safetydpo.errors import SafetyDPOError  # noqa: E402
 from comfyui_safetydpo.pairs import CATEGORIES  # noqa: E402
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         lora_files.save_expert(expert, output, key_format=args.format, dtype=getattr(torch, args.dtype),
                                 uniform_alpha=True)
         if args.report:
-            Path(args.report).write_text(json.dumps(json.loads(report.to_json()), indent=2))
+            files.write_text(args.report, json.dumps(json.loads(report.to_json()), indent=2), what="extraction report")
     except SafetyDPOError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
