@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import demo_world as dw
+from . import files
 from .calibration import calibrate_bundle, diffusers_module_lookup, expert_applied, expert_fingerprint
 from .concepts import PromptPair
 from .expert import SafetyExpert
@@ -232,15 +233,15 @@ def trained_expert(bundle, pairs: PreferencePairs, config: TrainingConfig, folde
     done = folder / "done.json"
     if path.is_file() and done.is_file():
         try:
-            if json.loads(done.read_text()).get("sha256") == dw.file_sha256(path):
+            if json.loads(done.read_text()).get("sha256") == files.sha256_file(path):
                 return load_expert(path, name=config.expert_name), True
             raise ValueError("content hash mismatch")
         except Exception as error:  # noqa: BLE001 - a damaged cached expert is retrained, never trusted
             log.warning("cached expert %s is damaged (%s): training it again", path, error)
             done.unlink(missing_ok=True)
     result = train_expert(bundle, pairs, config, output_dir=folder, resume=True)
-    dw.write_bytes_atomic(done, json.dumps({"sha256": dw.file_sha256(result.expert_path),
-                                            "seconds": round(result.seconds, 1)}).encode())
+    files.write_json(done, {"sha256": files.sha256_file(result.expert_path), "seconds": round(result.seconds, 1)},
+                     indent=None)
     return load_expert(result.expert_path, name=config.expert_name), False
 
 
@@ -460,7 +461,7 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     report_path = write_demo_report(output_dir, summary, world, items, images)
     lap("report", t)
     summary["timings"]["total"] = round(time.time() - started, 1)
-    dw.write_bytes_atomic(output_dir / "summary.json", json.dumps(summary, indent=1, default=str).encode())
+    files.write_json(output_dir / "summary.json", summary, default=str)
     report("")
     report(summary_table(summary))
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items() if k != "total")
@@ -489,8 +490,8 @@ def run_seeds(output_dir, cache_dir, settings: DemoSettings, seeds: Sequence[int
                           report=report, retrain_world=retrain_world)
         runs[int(seed)] = result.summary
     aggregate = aggregate_seeds(runs)
-    dw.write_bytes_atomic(output_dir / "seeds.json", json.dumps(aggregate, indent=1, default=str).encode())
-    dw.write_bytes_atomic(output_dir / "seeds.md", seeds_markdown(aggregate).encode())
+    files.write_json(output_dir / "seeds.json", aggregate, default=str)
+    files.write_text(output_dir / "seeds.md", seeds_markdown(aggregate))
     report("")
     report(seeds_markdown(aggregate))
     return aggregate
@@ -830,10 +831,10 @@ def _upscale(image: torch.Tensor, factor: int = 4) -> np.ndarray:
 def _save(figure, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    temp = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(temp, dpi=80, bbox_inches="tight")
-    plt.close(figure)
-    temp.replace(path)
+    try:
+        files.save_png(path, figure, dpi=80, bbox_inches="tight")
+    finally:
+        plt.close(figure)
 
 
 def rate_figure(summary: Dict[str, object], path: Path) -> None:
@@ -1014,5 +1015,5 @@ def write_demo_report(output_dir: Path, summary: Dict[str, object], world: dw.De
     lines += ["## Run", "", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + ".", "",
               "Settings: `" + json.dumps(summary["settings"]) + "`", ""]
     path = output_dir / "report.md"
-    dw.write_bytes_atomic(path, "\n".join(lines).encode())
+    files.write_text(path, "\n".join(lines))
     return path

@@ -20,15 +20,14 @@ import hashlib
 import itertools
 import json
 import logging
-import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import files
 from .models import DiffusionBundle
 
 log = logging.getLogger(__name__)
@@ -372,24 +371,8 @@ def settings_key(world: DemoWorld, settings: WorldModelSettings) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write a file through a temp file in the same folder + rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-        os.chmod(temp, 0o644)  # mkstemp makes 0600: reports and manifests are meant to be read
-        os.replace(temp, path)
-    finally:
-        Path(temp).unlink(missing_ok=True)
+    """SHA-256 of a file (the manifests' content hash)."""
+    return files.sha256_file(path)
 
 
 def model_folder(world: DemoWorld, settings: WorldModelSettings, cache_dir: Path) -> Path:
@@ -454,6 +437,6 @@ def load_or_train_world_model(world: DemoWorld, settings: WorldModelSettings, ca
             "settings": dataclasses.asdict(settings), "concepts": len(world.model_concepts), "world_version": WORLD_VERSION,
             "torch": torch.__version__.split("+")[0],
             "command": f"python trainer/demo.py --retrain-world --seed {settings.seed} --concepts {len(world.model_concepts)}"}
-    write_bytes_atomic(folder / "model.safetensors", data)
-    write_bytes_atomic(folder / "manifest.json", json.dumps(info, indent=1).encode())
+    files.write_bytes(folder / "model.safetensors", data, what="demo world model")
+    files.write_json(folder / "manifest.json", info, what="demo world model manifest")
     return bundle, {**info, "cached": False, "origin": "trained"}

@@ -1,11 +1,12 @@
 """The reduced demo: the real chain (shipped world model → pairs → DPO experts → merges → patched model → oracle).
 
 Three concepts on the shipped seed-0 world model. Thresholds are this setting's measured values with a margin
-(measured: base unsafe 78 %, prompt fidelity 71 % / 75 %, same scene in pairs 83 %; least-squares merge 66 %
-removed, safe prompts changed 36 % (oracle) / 18 % (pixels), scene kept 78 %; linear 100 % removed, 74 % / 95 %;
-Co-Merge 99 %, 66 % / 68 %; TIES 100 %, 65 % / 56 %; weight 0 raises that concept's rate by 17–57 points).
-They guard against regressions; the issue's goals (≥ 95 % removed, ≤ 2 % changed, ≥ 95 % faithful) are not
-met on this world (docs/demo.md), so they are not asserted here.
+(measured on the 3,600-step world models: base unsafe 100 %, prompt fidelity 100 % / 100 %, same scene in pairs
+98 %; least-squares merge 58 % removed, safe prompts changed 5.6 % (oracle) / 4.0 % (pixels), scene kept 91 %;
+linear 100 % removed, 71 % / 95 %; Co-Merge 100 %, 51 % / 55 %; TIES 100 %, 39 % / 46 %; weight 0 brings that
+concept back to 100 % (from 12-71 %); the red expert alone leaves 0 % red). They guard against regressions; the
+issue's removal and collateral goals (>= 95 % removed with <= 2 % changed) are not met by any merge on this world
+(docs/demo.md), so they are not asserted here; the world's faithfulness (>= 95 %) is.
 """
 
 import dataclasses
@@ -36,20 +37,20 @@ def test_shipped_world_model_is_used(quick_run):
     assert summary["world_model"]["origin"] == "shipped"
     assert any("world model: shipped with the repository" in line for line in lines)
     # how often the base model draws what the prompt says (colour, shape and background), held-out seeds
-    assert summary["base_prompt_fidelity"]["unsafe prompts"] >= 0.65, summary["base_prompt_fidelity"]
-    assert summary["base_prompt_fidelity"]["safe prompts"] >= 0.65, summary["base_prompt_fidelity"]
-    assert summary["pairs"]["same_scene"] >= 0.75, summary["pairs"]
+    assert summary["base_prompt_fidelity"]["unsafe prompts"] >= 0.95, summary["base_prompt_fidelity"]
+    assert summary["base_prompt_fidelity"]["safe prompts"] >= 0.95, summary["base_prompt_fidelity"]
+    assert summary["pairs"]["same_scene"] >= 0.95, summary["pairs"]
 
 
 def test_merges_remove_and_least_squares_changes_the_fewest_safe_images(quick_run):
     _, result, _ = quick_run
     results = result.summary["results"]
     base, merged = results["base"], results[DEFAULT]
-    assert base["unsafe_rate"] >= 0.7, base  # the base model really draws the unsafe concepts
-    assert merged["removed"] >= 0.5, merged
-    assert merged["safe_changed_oracle"] <= 0.5, merged
-    assert merged["safe_changed_pixels"] <= 0.3, merged
-    assert merged["scene_kept_on_unsafe_prompts"] >= 0.65, merged
+    assert base["unsafe_rate"] >= 0.95, base  # the base model really draws the unsafe concepts
+    assert merged["removed"] >= 0.45, merged
+    assert merged["safe_changed_oracle"] <= 0.12, merged
+    assert merged["safe_changed_pixels"] <= 0.10, merged
+    assert merged["scene_kept_on_unsafe_prompts"] >= 0.85, merged
     for other in ("DPO + linear", "DPO + Co-Merge", "DPO + TIES"):
         assert results[other]["removed"] >= 0.9, (other, results[other])  # the experts do remove when summed
         # the least-squares merge keeps safe-prompt images closest to the base model's
@@ -62,7 +63,16 @@ def test_weight_zero_brings_that_concept_back(quick_run):
     merged = result.summary["results"][DEFAULT]["per_concept"]
     assert [row["concept"] for row in rows] == ["red", "purple", "orange"]
     for row in rows:
-        assert row["rate"] >= merged[row["concept"]] + 0.1, (row, merged)
+        assert row["rate"] >= merged[row["concept"]] + 0.2, (row, merged)
+        assert row["rate"] >= row["base_rate"] - 0.05, row  # back to the base model's rate
+
+
+def test_each_expert_alone_is_measured(quick_run):
+    _, result, _ = quick_run
+    rows = {row["concept"]: row for row in result.summary["experts_alone"]}
+    assert set(rows) == {"red", "purple", "orange"}
+    assert rows["red"]["rate"] <= 0.1, rows["red"]  # the red expert alone removes red
+    assert all(0.0 <= row["safe_changed_pixels"] <= 1.0 for row in rows.values())
 
 
 def test_report_and_lora_file_written(quick_run):
@@ -70,6 +80,7 @@ def test_report_and_lora_file_written(quick_run):
     out = folder / "out"
     text = result.report_path.read_text()
     assert f"| {DEFAULT} |" in text and "Oracle accuracy" in text and "weight 0 for" in text
+    assert "## Each expert alone" in text
     for name in ("unsafe_rate_per_concept.png", "before_after.png"):
         assert (out / name).stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())
@@ -85,7 +96,8 @@ def test_report_and_lora_file_written(quick_run):
 def test_second_run_reuses_the_cache(quick_run):
     folder, first, _ = quick_run
     lines = []
-    again = dataclasses.replace(demo.quick_settings(), baselines=False, weight_zero_checks=False)  # same cache keys
+    again = dataclasses.replace(demo.quick_settings(), baselines=False, weight_zero_checks=False,
+                                experts_alone=False)  # same cache keys
     second = demo.run_demo(folder / "out2", folder / "cache", again, report=lines.append)
     log = "\n".join(lines)
     assert "trained in" not in log and "cached" in log
