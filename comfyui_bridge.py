@@ -52,6 +52,7 @@ EVALUATION_FOLDER = "safetydpo_eval"
 NO_STATISTICS = "none"
 PREDICTION_TYPES = {"EPS": "epsilon", "V_PREDICTION": "v_prediction"}
 INPUT_FOLDER_TEXT = "ComfyUI's input folder"
+NO_EXPERTS = "no safety experts: connect a Load Safety Expert node to the 'experts' input"
 
 
 # -- folders -----------------------------------------------------------------------------------
@@ -437,6 +438,8 @@ def apply_experts(model, clip, chain: Sequence, strength: float):
     if not math.isfinite(strength):
         raise MergeError(f"strength must be a finite number, got {strength!r}; use a value between -10 and 10 "
                          "(1 = as trained, 0 = off)")
+    if not chain:
+        raise MergeError(NO_EXPERTS)
     active = [c for c in chain if c.weight != 0]
     if not active:
         raise MergeError("every expert in the chain has weight 0, so nothing would be applied; "
