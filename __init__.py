@@ -1,23 +1,25 @@
 """SafetyDPO for ComfyUI: safety-expert LoRAs trained with Diffusion-DPO, merged with Co-Merge.
 
-ComfyUI imports this folder and reads ``NODE_CLASS_MAPPINGS`` / ``NODE_DISPLAY_NAME_MAPPINGS``.
-The nodes are split by feature (experts, training, data, evaluation); each module is a thin layer
-over the ``comfyui_safetydpo`` library. Outside ComfyUI (pytest imports this file as the package of
-the repository root, the command-line tools never do) nothing is registered.
+ComfyUI imports this folder as a package and calls ``comfy_entrypoint()`` (the V3 node schema of
+``comfy_api.latest``). The nodes are split by feature (experts, training, data, evaluation,
+extraction); each module is a thin layer over the ``comfyui_safetydpo`` library, and
+``comfyui_bridge`` is the one module that touches ComfyUI itself. Importing this folder registers
+nothing and imports no node module (the command-line tools never do); ComfyUI's call does.
 """
 
-import importlib
-import sys
 
-NODE_CLASS_MAPPINGS = {}
-NODE_DISPLAY_NAME_MAPPINGS = {}
+async def comfy_entrypoint():
+    """The pack's ComfyExtension: every node of every node module, in menu order."""
+    from comfy_api.latest import ComfyExtension
 
-_NODE_MODULES = ("nodes", "nodes_training", "nodes_data", "nodes_evaluation", "nodes_extraction")
+    from . import nodes, nodes_data, nodes_evaluation, nodes_extraction, nodes_training
 
-if "comfy" in sys.modules:  # inside ComfyUI: import errors must surface, so no try/except here
-    for _module_name in _NODE_MODULES:
-        _module = importlib.import_module(f".{_module_name}", __name__)
-        NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
-        NODE_DISPLAY_NAME_MAPPINGS.update(getattr(_module, "NODE_DISPLAY_NAME_MAPPINGS", {}))
+    class SafetyDPOExtension(ComfyExtension):
+        async def get_node_list(self):
+            return [*nodes.NODES, *nodes_training.NODES, *nodes_data.NODES, *nodes_evaluation.NODES,
+                    *nodes_extraction.NODES]
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    return SafetyDPOExtension()
+
+
+__all__ = ["comfy_entrypoint"]

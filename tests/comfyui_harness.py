@@ -14,6 +14,10 @@ Nothing here is committed as weights; built files are cached under ``.cache/comf
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import json
 import os
 import shutil
@@ -73,6 +77,52 @@ def import_comfy(path: Path) -> None:
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True  # before comfy.model_management is imported anywhere
+
+
+PLUGIN_PACKAGE = "safetydpo_custom_node"
+"""The name this process imports the repository under, as ComfyUI's custom_nodes loader does."""
+
+
+class _SharedLibrary(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves ``<plugin>.comfyui_safetydpo[.x]`` as the tests' own ``comfyui_safetydpo[.x]``.
+
+    In ComfyUI the node files import the library relatively, as part of the pack. In this process
+    the tests import it as ``comfyui_safetydpo`` too; without this one class (an error type, an
+    expert) would exist twice and ``pytest.raises`` / ``isinstance`` would miss the other copy.
+    """
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def find_spec(self, name, path=None, target=None):
+        if name == self.prefix or name.startswith(self.prefix + "."):
+            return importlib.machinery.ModuleSpec(name, self)
+        return None
+
+    def create_module(self, spec):
+        return importlib.import_module("comfyui_safetydpo" + spec.name[len(self.prefix):])
+
+    def exec_module(self, module):
+        pass
+
+
+def import_plugin(comfy_root: Path):
+    """The repository as ComfyUI's ``load_custom_node`` imports a custom node folder: its ``__init__.py``
+    as a package (here named ``PLUGIN_PACKAGE``), so the node files' relative imports work as in ComfyUI."""
+    import_comfy(comfy_root)
+    if PLUGIN_PACKAGE not in sys.modules:
+        sys.meta_path.insert(0, _SharedLibrary(f"{PLUGIN_PACKAGE}.comfyui_safetydpo"))
+        spec = importlib.util.spec_from_file_location(PLUGIN_PACKAGE, REPO_ROOT / "__init__.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[PLUGIN_PACKAGE] = module
+        spec.loader.exec_module(module)
+    return sys.modules[PLUGIN_PACKAGE]
+
+
+def plugin_module(comfy_root: Path, name: str):
+    """One module of the pack (``nodes``, ``nodes_training``, ``comfyui_bridge``, ...) imported as in ComfyUI."""
+    import_plugin(comfy_root)
+    return importlib.import_module(f"{PLUGIN_PACKAGE}.{name}")
 
 
 def _randomise(module, seed: int) -> None:
@@ -219,7 +269,7 @@ class ComfyUIServer:
         return target
 
     # -- process --------------------------------------------------------------------------
-    def start(self, timeout: float = 120.0) -> "ComfyUIServer":
+    def start(self, timeout: float = float(os.environ.get("SAFETYDPO_COMFYUI_START_TIMEOUT", "120"))) -> "ComfyUIServer":
         self.prepare()
         env = dict(os.environ)
         env.setdefault("HF_HUB_OFFLINE", "1")

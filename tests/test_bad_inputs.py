@@ -727,23 +727,15 @@ def test_folder_that_is_not_a_diffusers_model_is_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def nodes(comfy_inprocess, tmp_path_factory):
-    """nodes.py and nodes_training.py next to ComfyUI, model/input/output folders in a temp dir."""
-    import importlib.util
-    import sys
-
+    """The pack's nodes and bridge imported as ComfyUI does, model/input/output folders in a temp dir."""
+    import comfyui_harness as harness
     import folder_paths
 
     root = tmp_path_factory.mktemp("bad_input_nodes")
     saved = ({k: folder_paths.folder_names_and_paths.get(k) for k in ("loras", "safety_experts")},
              folder_paths.get_input_directory(), folder_paths.get_output_directory())
-    repo = Path(__file__).resolve().parents[1]
-    modules = {}
-    for label, file in (("experts", "nodes.py"), ("training", "nodes_training.py")):
-        spec = importlib.util.spec_from_file_location(f"safetydpo_bad_inputs_{label}", repo / file)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        modules[label] = module
+    modules = {label: harness.plugin_module(comfy_inprocess.root, name)
+               for label, name in (("experts", "nodes"), ("bridge", "comfyui_bridge"))}
     for name in ("loras", "safety_experts", "input", "output"):
         (root / name).mkdir()
     for name in ("loras", "safety_experts"):
@@ -769,7 +761,7 @@ def test_save_node_never_writes_outside_loras(nodes, prefix):
     modules, root = nodes
     choice = modules["experts"].ExpertChoice(make_expert("saved"), 1.0, "x.safetensors")
     with pytest.raises(LoraFormatError) as caught:
-        modules["experts"].SaveSafetyLora().save((choice,), prefix)
+        modules["experts"].SaveSafetyLora.execute((choice,), prefix)
     clear(caught, "filename_prefix", "inside the model folders")
     assert not list(root.parent.rglob("escaped*"))
 
@@ -778,7 +770,7 @@ def test_save_node_never_writes_outside_loras(nodes, prefix):
 def test_train_node_pairs_folder_never_leaves_input_or_output(nodes, folder):
     modules, _ = nodes
     with pytest.raises(DatasetError) as caught:
-        modules["training"].resolve_dataset_folder(folder)
+        modules["bridge"].pairs_folder(folder)
     clear(caught, "pairs_folder", "leaves ComfyUI's input/output folders")
 
 
@@ -786,7 +778,7 @@ def test_expert_file_that_is_a_pickle_is_named_in_the_node(nodes):
     modules, root = nodes
     (root / "loras" / "old.safetensors").write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(LoraFormatError) as caught:
-        modules["experts"].LoadSafetyExpert().load("loras/old.safetensors", 1.0)
+        modules["experts"].LoadSafetyExpert.execute("loras/old.safetensors", 1.0)
     clear(caught, "old.safetensors", "pickle")
 
 
@@ -794,7 +786,7 @@ def test_negative_weight_in_the_load_node_is_refused(nodes):
     modules, root = nodes
     lora_files.save_expert(make_expert("w"), root / "safety_experts" / "w.safetensors")
     with pytest.raises(MergeError) as caught:
-        modules["experts"].LoadSafetyExpert().load("safety_experts/w.safetensors", -1.0)
+        modules["experts"].LoadSafetyExpert.execute("safety_experts/w.safetensors", -1.0)
     clear(caught, "w.safetensors", "must be ≥ 0")
 
 
@@ -806,5 +798,5 @@ def test_non_finite_strength_is_refused(nodes, comfy_inprocess, sd15_checkpoint,
     model, clip, _ = comfy_inprocess.load_checkpoint(sd15_checkpoint)
     expert = random_expert(attention_modules(sd15_checkpoint), "s", "sd15", 1)
     with pytest.raises(SafetyDPOError) as caught:
-        modules["experts"].apply_experts(model, clip, (modules["experts"].ExpertChoice(expert, 1.0, "s"),), strength)
+        modules["bridge"].apply_experts(model, clip, (modules["experts"].ExpertChoice(expert, 1.0, "s"),), strength)
     clear(caught, "strength")

@@ -37,6 +37,8 @@ def widget_inputs(node_info: dict):
             options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
             if options.get("forceInput"):
                 continue
+            if kind == "COMBO":  # V3 nodes list a dropdown's choices under "options"
+                kind = list(options.get("options", []))
             if isinstance(kind, list) or kind in WIDGET_TYPES:
                 names.append((name, kind, options))
                 control = options.get("control_after_generate", name in ("seed", "noise_seed"))

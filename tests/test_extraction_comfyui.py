@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from comfyui_safetydpo import extraction, lora_files, unet_keys
+from comfyui_safetydpo.errors import ArchitectureMismatchError, LoraFormatError
 from test_nodes_comfyui import (LIVE_CHECKPOINT, REPO_ROOT, attention_modules, live_checkpoint,  # noqa: F401
                                 nodes_in_process, random_expert, sd15_model)
 
@@ -180,21 +181,16 @@ def test_save_a_safe_checkpoint_bakes_the_expert_in_and_extracts_back(extraction
 
 @pytest.fixture(scope="module")
 def extract_node(nodes_in_process):
-    import importlib.util
-    import sys
+    from test_nodes_comfyui import load_nodes_module
 
-    spec = importlib.util.spec_from_file_location("safetydpo_extraction_nodes", REPO_ROOT / "nodes_extraction.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.ExtractSafetyExpert(), nodes_in_process
+    return load_nodes_module("nodes_extraction").ExtractSafetyExpert, nodes_in_process
 
 
 def _extract(node, safe, base, **options):
     arguments = dict(layers="attention", output="lora", rank=RANK, energy=0.99, max_rank=128, categories="Violence",
                      name="x", weight=1.0, save_name="")
     arguments.update(options)
-    return node.extract(safe, base, **arguments)["result"]
+    return node.execute(safe, base, **arguments)
 
 
 def test_extract_node_computes_patched_models_and_chains(extract_node, sd15_model, comfy_inprocess, sd15_checkpoint):
@@ -221,12 +217,12 @@ def test_extract_node_computes_patched_models_and_chains(extract_node, sd15_mode
 def test_extract_node_refuses_bad_input(extract_node, sd15_model, comfy_inprocess, sdxl_checkpoint):
     node, (nodes, _) = extract_node
     model, _ = sd15_model
-    with pytest.raises(nodes.ArchitectureMismatchError, match="no requested layer .* differs"):
+    with pytest.raises(ArchitectureMismatchError, match="no requested layer .* differs"):
         _extract(node, model, model)
-    with pytest.raises(nodes.LoraFormatError, match="not a file name inside the model folders"):
+    with pytest.raises(LoraFormatError, match="not a file name inside the model folders"):
         _extract(node, model, model, save_name="../outside")
-    with pytest.raises(nodes.ArchitectureMismatchError, match="text-encoder differences need the command line"):
+    with pytest.raises(ArchitectureMismatchError, match="text-encoder differences need the command line"):
         _extract(node, model, model, layers="text_encoder")
     sdxl = comfy_inprocess.load_diffusion_model(sdxl_checkpoint)
-    with pytest.raises(nodes.ArchitectureMismatchError, match="safe_model is sdxl but base_model is sd15"):
+    with pytest.raises(ArchitectureMismatchError, match="safe_model is sdxl but base_model is sd15"):
         _extract(node, sdxl, model)

@@ -182,11 +182,11 @@ def test_comfy_recording_samples_with_the_expert_applied(comfy_inprocess, sd15_c
     """ComfyUI's sampler really runs with each expert added: on the same prompts, a layer downstream of the
     expert's change sees other inputs than on the base model, a layer upstream of it the same; weights restored."""
     import torch
-    from test_nodes_comfyui import load_nodes_module
+    from test_nodes_comfyui import load_bridge
 
     from comfyui_safetydpo.expert import LoraModule, SafetyExpert
 
-    nodes = load_nodes_module()
+    bridge = load_bridge()
     model, clip, _ = comfy_inprocess.load_checkpoint(live_checkpoint(sd15_checkpoint))
     modules = attention_modules(sd15_checkpoint)
     key = next(m for m in sorted(modules) if m.endswith("attn2.to_k"))
@@ -197,10 +197,10 @@ def test_comfy_recording_samples_with_the_expert_applied(comfy_inprocess, sd15_c
              out: LoraModule(torch.randn(4, i2, generator=g), torch.zeros(o2, 4), 4.0)}  # ΔW only on to_k
     expert = SafetyExpert("probe", loras,
                           architecture="sd15", categories=["Hate"])
-    weight = nodes.module_lookup_for(model, clip)(key).weight
+    weight = bridge.module_lookup_for(model, clip)(key).weight
     before = weight.detach().clone()
     prompts = ["a hateful mob", "a quiet lake"]
-    statistics = nodes.collect_comfy_least_squares_statistics(
+    statistics = bridge.collect_comfy_least_squares_statistics(
         model, clip, [expert], {"probe": prompts}, prompts, steps=2, cfg=1.0, sampler_name="euler",
         scheduler="normal", width=64, height=64, images_per_prompt=1, seed=3)
     assert torch.equal(weight, before)

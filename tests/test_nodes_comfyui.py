@@ -7,10 +7,8 @@ Images are compared bit-exactly from the PNG files ComfyUI wrote.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from PIL import Image
 
 import comfyui_harness as harness
 from comfyui_safetydpo import lora_files, unet_keys
+from comfyui_safetydpo.errors import ArchitectureMismatchError, LoraFormatError, MergeError
 from comfyui_safetydpo.expert import LoraModule, SafetyExpert
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -50,13 +49,14 @@ def png(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def load_nodes_module():
-    """The repository's nodes.py as a module (ComfyUI's own ``nodes`` keeps its name)."""
-    spec = importlib.util.spec_from_file_location("safetydpo_expert_nodes", REPO_ROOT / "nodes.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def load_nodes_module(name: str = "nodes"):
+    """A module of the pack (default nodes.py), imported as ComfyUI imports the custom node folder."""
+    return harness.plugin_module(harness.comfyui_path(), name)
+
+
+def load_bridge():
+    """comfyui_bridge.py, the pack's one module that touches ComfyUI."""
+    return load_nodes_module("comfyui_bridge")
 
 
 # -- real server -------------------------------------------------------------------------------
@@ -276,8 +276,8 @@ def sd15_model(comfy_inprocess, sd15_checkpoint):
                                   "safety_experts/..\\..\\x.safetensors", "C:/x.safetensors", "checkpoints/x.safetensors"])
 def test_file_names_never_leave_the_model_folders(nodes_in_process, name):
     nodes, _ = nodes_in_process
-    with pytest.raises(nodes.LoraFormatError, match="dropdown"):
-        nodes.resolve_model_file(name)
+    with pytest.raises(LoraFormatError, match="dropdown"):
+        load_bridge().resolve_model_file(name)
 
 
 def test_dropdown_lists_both_folders_and_missing_files_name_the_folder(nodes_in_process, sd15_checkpoint):
@@ -287,17 +287,17 @@ def test_dropdown_lists_both_folders_and_missing_files_name_the_folder(nodes_in_
     lora_files.save_expert(random_expert(modules, "b", "sd15", 6), root / "loras" / "b.safetensors")
     (root / "safety_experts" / "statistics").mkdir()
     (root / "safety_experts" / "statistics" / "s.safetensors").write_bytes(b"")
-    choices = nodes.expert_file_choices()
+    choices = load_bridge().expert_file_choices()
     assert choices == ["safety_experts/a.safetensors", "loras/b.safetensors"]
-    assert nodes.statistics_file_choices()[:2] == ["none", "statistics/s.safetensors"]
-    with pytest.raises(nodes.LoraFormatError, match="gone.safetensors' was not found in models/safety_experts"):
-        nodes.LoadSafetyExpert().load("safety_experts/gone.safetensors", 1.0)
-    result = nodes.LoadSafetyExpert().load("loras/b.safetensors", 0.5,
-                                           nodes.LoadSafetyExpert().load("safety_experts/a.safetensors", 1.0)["result"][0])
-    chain = result["result"][0]
+    assert load_bridge().statistics_file_choices()[:2] == ["none", "statistics/s.safetensors"]
+    with pytest.raises(LoraFormatError, match="gone.safetensors' was not found in models/safety_experts"):
+        nodes.LoadSafetyExpert.execute("safety_experts/gone.safetensors", 1.0)
+    result = nodes.LoadSafetyExpert.execute("loras/b.safetensors", 0.5,
+                                           nodes.LoadSafetyExpert.execute("safety_experts/a.safetensors", 1.0)[0])
+    chain = result[0]
     assert [(c.expert.name, c.weight) for c in chain] == [("a", 1.0), ("b", 0.5)]
-    with pytest.raises(nodes.MergeError, match="already in the chain"):
-        nodes.LoadSafetyExpert().load("loras/b.safetensors", 1.0, chain)
+    with pytest.raises(MergeError, match="already in the chain"):
+        nodes.LoadSafetyExpert.execute("loras/b.safetensors", 1.0, chain)
 
 
 def test_a_bad_expert_in_a_chain_leaves_no_partial_patch(nodes_in_process, sd15_model, sd15_checkpoint):
@@ -308,12 +308,12 @@ def test_a_bad_expert_in_a_chain_leaves_no_partial_patch(nodes_in_process, sd15_
     wrong = {m: (o, i + 1) for m, (o, i) in list(modules.items())[:3]}
     bad = nodes.ExpertChoice(random_expert(wrong, "bad", "sd15", 8), 1.0, "bad.safetensors")
     patches_before = dict(model.patches)
-    with pytest.raises(nodes.ArchitectureMismatchError, match="bad.safetensors: .*other shapes"):
-        nodes.apply_experts(model, clip, (good, bad), 1.0)
+    with pytest.raises(ArchitectureMismatchError, match="bad.safetensors: .*other shapes"):
+        load_bridge().apply_experts(model, clip, (good, bad), 1.0)
     assert model.patches == patches_before
-    with pytest.raises(nodes.MergeError, match="no safety experts"):
-        nodes.apply_experts(model, clip, (), 1.0)
-    new_model, new_clip = nodes.apply_experts(model, clip, (good,), 0.7)
+    with pytest.raises(MergeError, match="no safety experts"):
+        load_bridge().apply_experts(model, clip, (), 1.0)
+    new_model, new_clip = load_bridge().apply_experts(model, clip, (good,), 0.7)
     assert new_model is not model and model.patches == patches_before
     assert len(new_model.patches) == len(modules) and new_clip is clip
     assert all(p[0][0] == pytest.approx(0.7) for p in new_model.patches.values())
@@ -325,23 +325,23 @@ def test_text_encoder_expert_needs_the_clip_and_patches_it(nodes_in_process, sd1
     text = {f"text_encoder.text_model.encoder.layers.0.self_attn.{p}_proj": (768, 768) for p in ("q", "k", "v")}
     expert = random_expert({**attention_modules(sd15_checkpoint), **text}, "with_te", "sd15", 9)
     choice = nodes.ExpertChoice(expert, 1.0, "with_te.safetensors")
-    with pytest.raises(nodes.ArchitectureMismatchError, match="connect the checkpoint's CLIP"):
-        nodes.apply_experts(model, None, (choice,), 1.0)
-    new_model, new_clip = nodes.apply_experts(model, clip, (choice,), 1.0)
+    with pytest.raises(ArchitectureMismatchError, match="connect the checkpoint's CLIP"):
+        load_bridge().apply_experts(model, None, (choice,), 1.0)
+    new_model, new_clip = load_bridge().apply_experts(model, clip, (choice,), 1.0)
     assert new_clip is not clip and len(new_clip.patcher.patches) == 3 and not clip.patcher.patches
 
 
 def test_sdxl_model_takes_sdxl_experts_only(nodes_in_process, comfy_inprocess, sdxl_checkpoint, sd15_checkpoint):
     nodes, _ = nodes_in_process
     model = comfy_inprocess.load_diffusion_model(sdxl_checkpoint)
-    assert nodes.model_architecture(model) == "sdxl"
+    assert load_bridge().model_architecture(model) == "sdxl"
     modules = attention_modules(sdxl_checkpoint, prefix="")
     expert = nodes.ExpertChoice(random_expert(modules, "xl", "sdxl", 10), 1.0, "xl.safetensors")
-    patched, _ = nodes.apply_experts(model, None, (expert,), 1.0)
+    patched, _ = load_bridge().apply_experts(model, None, (expert,), 1.0)
     assert len(patched.patches) == len(modules)
     sd15 = nodes.ExpertChoice(random_expert(attention_modules(sd15_checkpoint), "v1", "sd15", 11), 1.0, "v1.safetensors")
-    with pytest.raises(nodes.ArchitectureMismatchError, match="v1.safetensors: expert 'v1' is for sd15, but the model is sdxl"):
-        nodes.apply_experts(model, None, (sd15,), 1.0)
+    with pytest.raises(ArchitectureMismatchError, match="v1.safetensors: expert 'v1' is for sd15, but the model is sdxl"):
+        load_bridge().apply_experts(model, None, (sd15,), 1.0)
 
 
 def test_save_node_writes_inside_loras_only_and_sums_a_chain(nodes_in_process, sd15_checkpoint):
@@ -350,10 +350,10 @@ def test_save_node_writes_inside_loras_only_and_sums_a_chain(nodes_in_process, s
     a = nodes.ExpertChoice(random_expert(modules, "a", "sd15", 12), 1.0, "a.safetensors")
     b = nodes.ExpertChoice(random_expert(modules, "b", "sd15", 13), 0.5, "b.safetensors")
     for prefix in ("../outside", "/tmp/outside", "sub/../../outside"):
-        with pytest.raises(nodes.LoraFormatError, match="not a file name inside the model folders"):
-            nodes.SaveSafetyLora().save((a,), prefix)
-    first = nodes.SaveSafetyLora().save((a, b), "merged/safety")["result"][0]
-    second = nodes.SaveSafetyLora().save((a,), "merged/safety")["result"][0]
+        with pytest.raises(LoraFormatError, match="not a file name inside the model folders"):
+            nodes.SaveSafetyLora.execute((a,), prefix)
+    first = nodes.SaveSafetyLora.execute((a, b), "merged/safety")[0]
+    second = nodes.SaveSafetyLora.execute((a,), "merged/safety")[0]
     assert (first, second) == ("merged/safety_00001_.safetensors", "merged/safety_00002_.safetensors")
     saved = lora_files.load_expert(root / "loras" / first)
     for module in modules:  # the chain is saved as the exact weighted sum

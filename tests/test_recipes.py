@@ -88,7 +88,7 @@ def test_train_node_recipe_choice(inprocess):
 
     _, nodes, model, clip, vae, base = inprocess
     info = nodes.TrainSafetyExpertDPO.INPUT_TYPES()["optional"]["recipe"]
-    assert info[0] == ["safetydpo", "preserving", "custom"] and info[1]["default"] == "preserving"
+    assert info[1]["options"] == ["safetydpo", "preserving", "custom"] and info[1]["default"] == "preserving"
     (chain,), _ = run_node(nodes, model, clip, vae, expert_name="paper_recipe", steps=1, checkpoint_every=0,
                            recipe="safetydpo")
     recipe = json.loads(chain.expert.metadata["safetydpo_recipe"])

@@ -8,10 +8,8 @@ afterwards, Cancel keeps a checkpoint, and the workflow file runs.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -58,11 +56,8 @@ def restore_zeroed_norms(unet) -> int:
 
 
 def load_training_nodes():
-    spec = importlib.util.spec_from_file_location("safetydpo_training_nodes", REPO_ROOT / "nodes_training.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    """nodes_training.py, imported as ComfyUI imports the custom node folder."""
+    return harness.plugin_module(harness.comfyui_path(), "nodes_training")
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +92,7 @@ def run_node(nodes, model, clip, vae, **overrides):
                     preservation_weight=0.5, seed=0, checkpoint_every=2, resume=False)
     settings.update(overrides)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        return nodes.TrainSafetyExpertDPO().train(model, clip, vae, **settings)
+        return nodes.TrainSafetyExpertDPO.execute(model, clip, vae, **settings)
 
 
 @pytest.mark.slow
@@ -175,9 +170,24 @@ def test_dataset_folder_must_stay_inside_input_or_output(inprocess):
         run_node(nodes, model, clip, vae, pairs_folder="nothing_here")
 
 
+def test_pairs_folder_takes_the_dataset_name_of_build_safety_pairs(inprocess):
+    """One convention from node to node: Build Safety Pairs writes output/safety_pairs/<dataset_name>; the Train
+    node takes that name, the dataset_path output (absolute, inside output/) or a path under input/ or output/."""
+    from test_nodes_comfyui import load_bridge
+
+    base = inprocess[-1]
+    bridge = load_bridge()
+    built = make_pairs(bridge.new_pairs_folder("by name"), count=1)
+    assert built == (base / "output" / "safety_pairs" / "by_name")
+    for given in ("by_name", "safety_pairs/by_name", "output/safety_pairs/by_name", str(built)):
+        assert bridge.pairs_folder(given) == built.resolve(), given
+    assert bridge.pairs_folder("pairs") == (base / "input" / "pairs").resolve()
+
+
 @pytest.mark.slow
 def test_training_workflow_runs_in_the_real_server(comfyui_server, comfy_inprocess, sd15_checkpoint):
-    make_pairs(comfyui_server.base_dir / "input" / "safetydpo_pairs")
+    # where Build Safety Pairs writes its default dataset_name, which the workflow names
+    make_pairs(comfyui_server.base_dir / "output" / "safety_pairs" / "my_safety_pairs")
     graph = harness.load_workflow("train_expert_api.json")
     graph["3"]["inputs"]["steps"] = 2
     comfyui_server.run_workflow(graph, timeout=400)
