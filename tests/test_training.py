@@ -193,9 +193,9 @@ def test_fp16_scales_the_loss_skips_overflow_steps_and_resumes_exactly(tmp_path,
     counting as a bad step, and the scale is part of the checkpoint (stopped + resumed = straight run)."""
     import json
 
-    from comfyui_safetydpo import training
+    from comfyui_safetydpo import training_loop
 
-    monkeypatch.setattr(training, "FP16_INITIAL_SCALE", 2.0 ** 24)  # overflows fp16 at once: must back off
+    monkeypatch.setattr(training_loop, "FP16_INITIAL_SCALE", 2.0 ** 24)  # overflows fp16 at once: must back off
     pairs = colour_pairs(tmp_path / "pairs", 6)
     config = TrainingConfig(**{**FAST, "max_steps": 4, "checkpoint_every": 2, "batch_size": 2,
                                "mixed_precision": "fp16", "max_bad_steps": 2})
