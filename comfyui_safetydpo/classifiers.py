@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from .errors import MissingWeightsError
-from .evaluation import CLIP_ENV, load_clip, to_uint8
+from .evaluation_run import to_uint8
+from .quality_metrics import CLIP_ENV, load_clip
 
 Q16_ENV = "SAFETYDPO_Q16_PROMPTS"
 

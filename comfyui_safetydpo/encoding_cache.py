@@ -21,7 +21,7 @@ from . import files
 from .errors import DatasetError, LoraFormatError
 from .models import PromptEmbeddings
 from .pairs import PreferencePairs, load_image_tensor
-from .training import EncodedPreferenceData
+from .training_config import EncodedPreferenceData
 
 CACHE_VERSION = "1"
 

@@ -21,7 +21,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from . import files
-from .evaluation import ALL_CATEGORIES, BASE_VARIANT, SAFE_CATEGORY, EvaluationSummary, load_png
+from .evaluation_prompts import SAFE_CATEGORY
+from .evaluation_run import BASE_VARIANT, load_png
+from .evaluation_statistics import ALL_CATEGORIES, EvaluationSummary
 
 RATE_FIELDS = ["variant", "category", "n", "unsafe", "rate", "ci_low", "ci_high", "failures"]
 FIDELITY_FIELDS = ["variant", "n", "mad", "ssim", "changed", "changed_rate", "changed_ci_low",
@@ -30,7 +32,8 @@ RECORD_FIELDS = ["variant", "prompt_index", "prompt", "categories", "seed", "ima
 PAIR_FIELDS = ["variant", "prompt_index", "prompt", "seed", "mad", "ssim"]
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib figure on the Agg canvas (dpi 100), outside pyplot's global state."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -39,8 +42,9 @@ def _figure(width: float, height: float):
     return figure
 
 
-def _save_figure(figure, path: Path) -> None:
-    files.save_png(path, figure, what="figure")
+def save_figure(figure, path: Path, **options) -> None:
+    """Write a figure as PNG atomically; ``options`` go to ``savefig`` (dpi, bbox_inches)."""
+    files.save_png(path, figure, what="figure", **options)
 
 
 def figure_to_array(figure) -> np.ndarray:
@@ -79,7 +83,7 @@ def rate_figure(summary: EvaluationSummary):
     variants = [v["name"] for v in summary.variants]
     categories = list(dict.fromkeys(r["category"] for r in summary.rates))
     colours = _variant_colours(variants)
-    figure = _figure(max(6.0, 1.1 * len(categories) * max(1, len(variants)) / 2 + 2), 4.2)
+    figure = new_figure(max(6.0, 1.1 * len(categories) * max(1, len(variants)) / 2 + 2), 4.2)
     axes = figure.add_subplot(1, 1, 1)
     width = 0.8 / max(1, len(variants))
     lookup = {(r["variant"], r["category"]): r for r in summary.rates}
@@ -147,7 +151,7 @@ def grid_figure(summary: EvaluationSummary, max_rows: int = 6, blur_unsafe: bool
     """Before/after grid: rows are prompts (same seed), columns base and aligned variants."""
     rows = grid_cells(summary, max_rows, blur_unsafe)
     columns = len(summary.variants)
-    figure = _figure(1.9 * columns + 0.4, 2.0 * max(1, len(rows)) + 0.6)
+    figure = new_figure(1.9 * columns + 0.4, 2.0 * max(1, len(rows)) + 0.6)
     for r_index, (label, cells) in enumerate(rows):
         for c_index, (variant, image, unsafe, hidden) in enumerate(cells):
             axes = figure.add_subplot(len(rows), columns, r_index * columns + c_index + 1)
@@ -169,7 +173,7 @@ def quality_safety_figure(summary: EvaluationSummary):
     """Unsafe rate (all categories) against change on safe prompts, over strength or per variant."""
     overall = {r["variant"]: r for r in summary.rates if r["category"] == ALL_CATEGORIES}
     fidelity = {f["variant"]: f for f in summary.fidelity}
-    figure = _figure(6.0, 4.0)
+    figure = new_figure(6.0, 4.0)
     axes = figure.add_subplot(1, 1, 1)
     with_strength = [v for v in summary.variants if v.get("strength") is not None and v["name"] in overall]
     if len(with_strength) >= 2:
@@ -221,7 +225,7 @@ def table_figure(summary: EvaluationSummary):
         cells.append(["safe prompts changed"] + [
             f"{_pct(fidelity[v]['changed_rate'])}% (MAD {fidelity[v]['mad']:.3f}, SSIM {fidelity[v]['ssim']:.3f})"
             if v in fidelity else "reference" for v in variants])
-    figure = _figure(2.2 + 2.6 * len(variants), 0.45 * (len(cells) + 2) + 0.6)
+    figure = new_figure(2.2 + 2.6 * len(variants), 0.45 * (len(cells) + 2) + 0.6)
     axes = figure.add_subplot(1, 1, 1)
     axes.axis("off")
     table = axes.table(cellText=cells, colLabels=["category"] + variants, loc="center", cellLoc="center")
@@ -353,10 +357,10 @@ def write_report(summary: EvaluationSummary, folder=None, blur_unsafe: bool = Tr
                "grid": folder / "figures" / "before_after.png",
                "quality_vs_safety": folder / "figures" / "quality_vs_safety.png",
                "table": folder / "figures" / "table.png"}
-    _save_figure(rate_figure(summary), figures["rates"])
-    _save_figure(grid_figure(summary, grid_rows, blur_unsafe), figures["grid"])
-    _save_figure(quality_safety_figure(summary), figures["quality_vs_safety"])
-    _save_figure(table_figure(summary), figures["table"])
+    save_figure(rate_figure(summary), figures["rates"])
+    save_figure(grid_figure(summary, grid_rows, blur_unsafe), figures["grid"])
+    save_figure(quality_safety_figure(summary), figures["quality_vs_safety"])
+    save_figure(table_figure(summary), figures["table"])
     markdown_text = _markdown(summary, figures, folder, title)
     files.write_text(folder / "report.md", markdown_text)
     files.write_text(folder / "report.html", _html(markdown_text, title))

@@ -19,10 +19,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from shared_helpers import random_expert
+
 from comfyui_safetydpo import calibration, lora_files, merging, model_loading, pairs as pairs_module
 from comfyui_safetydpo.errors import (ArchitectureMismatchError, DatasetError, LoraFormatError, MergeError,
                                       MissingWeightsError, SafetyDPOError, TrainingError)
-from comfyui_safetydpo.expert import LoraModule, SafetyExpert
 
 Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
 K = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
@@ -30,10 +31,8 @@ KOHYA_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
 
 
 def make_expert(name="e", architecture="sd15", modules=(Q, K), out=8, inp=8, rank=2, seed=0, categories=("Hate",)):
-    generator = torch.Generator().manual_seed(seed)
-    loras = {m: LoraModule(torch.randn(rank, inp, generator=generator), torch.randn(out, rank, generator=generator),
-                           float(rank)) for m in modules}
-    return SafetyExpert(name, loras, architecture=architecture, categories=list(categories))
+    return random_expert(name, {m: (out, inp) for m in modules}, seed, rank, architecture=architecture,
+                         categories=categories)
 
 
 def kohya_state(rank=2, out=8, inp=8, alpha=True):
@@ -399,7 +398,7 @@ def _save_expert_on_full_disk(full_disk):
     before = target.read_bytes()
     arm()
     big = make_expert("new", out=320, inp=320, rank=64)  # ~ 330 kB: more than the tmpfs holds
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(LoraFormatError) as caught:
         lora_files.save_expert(big, target)
     return folder, target, before, caught
 
@@ -424,7 +423,7 @@ def _save_statistics_on_full_disk(full_disk):
     arm()
     big = make_expert("a", out=320, inp=320)
     stats = {"a": {m: calibration.ModuleStatistics(torch.ones(20000), torch.ones(20000), 1) for m in big.module_names}}
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(MergeError) as caught:
         calibration.CalibrationStatistics(stats, {"a": "x"}).save(target)
     return folder, target, before, caught
 
@@ -471,7 +470,7 @@ def _checkpoint_on_full_disk(full_disk):
     for p in optimizer.param_groups[0]["params"]:  # optimizer state makes the second checkpoint bigger
         optimizer.state[p] = {"exp_avg": torch.zeros(p.shape), "exp_avg_sq": torch.zeros(p.shape), "step": 1}
     big = {"step": 2, "epoch": 0, "position": 0, "history": [{"loss": 0.0}] * 5000}
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(TrainingError) as caught:
         save_checkpoint(checkpoints, bundle.unet, optimizer, None, big, generator)
     return checkpoints, caught
 

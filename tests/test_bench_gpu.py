@@ -3,21 +3,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
+
+from shared_helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_bench_gpu():
-    spec = importlib.util.spec_from_file_location("safetydpo_bench_gpu", ROOT / "bench" / "bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/bench_gpu.py", "safetydpo_bench_gpu")
 
 
 def test_tiny_setting_counts_flops_times_steps_and_computes_mfu():

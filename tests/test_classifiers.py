@@ -11,6 +11,7 @@ import torch
 
 from comfyui_safetydpo import classifiers as cl
 from comfyui_safetydpo import evaluation as ev
+from comfyui_safetydpo.evaluation_run import _classify_with_fallback
 from comfyui_safetydpo.errors import MissingWeightsError
 
 
@@ -55,12 +56,12 @@ def test_callable_classifier_accepts_scores_bools_and_dicts():
 
 
 def test_demo_oracle_plugs_in(tmp_path):
-    demo = pytest.importorskip("comfyui_safetydpo.demo_world")
+    from comfyui_safetydpo import demo_world as demo
     world = demo.DemoWorld()
     oracle = demo.DemoOracle(world)
     scene = world.scenes()[0]
     images = torch.stack([world.render(scene, seed) for seed in (1, 2)])
-    results = ev._classify_with_fallback(oracle, list(ev.to_uint8(images)))
+    results = _classify_with_fallback(oracle, list(ev.to_uint8(images)))
     check_format([{k: v for k, v in r.items() if k != "error"} for r in results], 2)
     assert all(r["error"] is None for r in results)
 

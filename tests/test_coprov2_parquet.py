@@ -11,6 +11,8 @@ import json
 import pytest
 import torch
 
+from shared_helpers import load_script
+
 from comfyui_safetydpo.coprov2 import UNMATCHED_CATEGORY, coprov2_from_parquet, load_coprov2_train
 from comfyui_safetydpo.errors import DatasetError
 from comfyui_safetydpo.pairs import load_pairs
@@ -85,16 +87,11 @@ def test_bad_shards_fail_clearly(tmp_path):
 def test_pair_builder_and_trainer_take_the_shards(tmp_path, shard, monkeypatch, capsys):
     from training_helpers import save_tiny_diffusers_folder
 
-    import importlib.util
-    from pathlib import Path
 
     path, _ = shard
     _write_csv(tmp_path / "CoProv2_train.csv", GOOD_ROWS)
     monkeypatch.setenv("SAFETYDPO_COPROV2", str(tmp_path))
-    spec = importlib.util.spec_from_file_location(
-        "safetydpo_build_pairs_cli", Path(__file__).resolve().parents[1] / "trainer" / "build_pairs.py")
-    builder = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(builder)
+    builder = load_script("trainer/build_pairs.py", "safetydpo_build_pairs_cli")
     assert builder.main(["--coprov2-parquet", str(path.parent), "--output", str(tmp_path / "built"),
                          "--on-error", "skip", "--categories", "hate"]) == 0
     built = load_pairs(tmp_path / "built")

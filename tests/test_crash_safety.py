@@ -11,24 +11,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pickle
 import socket
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from shared_helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_bench_crash():
-    spec = importlib.util.spec_from_file_location("safetydpo_bench_crash", ROOT / "bench" / "bench_crash.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/bench_crash.py", "safetydpo_bench_crash")
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import torch
 
 from training_helpers import colour_pairs, tiny_bundle
 
-from comfyui_safetydpo import training
+from comfyui_safetydpo import training, training_loop
 from comfyui_safetydpo.encoding_cache import LazyEncodedPreferenceData, encode_preference_pairs
 from comfyui_safetydpo.errors import DatasetError
 from comfyui_safetydpo.pairs import save_image_tensor
@@ -67,10 +67,10 @@ def test_fresh_lora_step_without_the_reference_pass_equals_the_step_with_it(tmp_
     denoiser.predict = lambda *args: calls.append(1) or predict(*args)
     results = {}
     for reuse in (True, False):
-        monkeypatch.setattr(training, "lora_is_identity", lambda module, reuse=reuse: reuse)
+        monkeypatch.setattr(training_loop, "lora_is_identity", lambda module, reuse=reuse: reuse)
         calls.clear()
-        loss, metrics = training._objective(denoiser, data, config, [0, 3], torch.Generator().manual_seed(1),
-                                            torch.device("cpu"), 0, 1000)
+        loss, metrics = training_loop._objective(denoiser, data, config, [0, 3], torch.Generator().manual_seed(1),
+                                                 torch.device("cpu"), 0, 1000)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in lora_parameters(bundle.unet).items()}
         bundle.unet.zero_grad(set_to_none=True)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from shared_helpers import load_script
+
 from comfyui_safetydpo import evaluation as ev
 from comfyui_safetydpo.classifiers import CallableClassifier
 from comfyui_safetydpo.errors import DatasetError, MissingWeightsError
@@ -252,14 +254,7 @@ def test_fid_with_local_inception_weights():
 
 
 def _evaluate_cli():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "trainer" / "evaluate.py"
-    spec = importlib.util.spec_from_file_location("safetydpo_evaluate_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("trainer/evaluate.py", "safetydpo_evaluate_cli")
 
 
 def test_command_line_evaluates_model_with_and_without_lora(tmp_path, capsys):
@@ -308,7 +303,7 @@ def test_command_line_evaluates_model_with_and_without_lora(tmp_path, capsys):
 
 
 def test_data_loaders_feed_the_evaluation(tmp_path):
-    concepts = pytest.importorskip("comfyui_safetydpo.concepts")
+    from comfyui_safetydpo import concepts
     pairs = concepts.parse_pair_lines("a red cube | a blue cube | Violence\n")
     prompts = ev.normalise_prompts(pairs)
     assert prompts[0].text == "a red cube" and "Violence" in prompts[0].categories

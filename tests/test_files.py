@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import builtins
 import hashlib
-import importlib.util
 import json
 import os
 import stat
@@ -15,7 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfyui_safetydpo import calibration, files, lora_files, merging
+from shared_helpers import load_script
+
+from comfyui_safetydpo import calibration, files, lora_files
 from comfyui_safetydpo.errors import LoraFormatError, MergeError, SafetyDPOError, TrainingError
 from comfyui_safetydpo.expert import LoraModule, SafetyExpert
 from comfyui_safetydpo.least_squares_merge import LayerInputStatistics
@@ -53,10 +54,7 @@ def _unreadable(root: Path) -> list:
 
 
 def _load_cli(name: str):
-    spec = importlib.util.spec_from_file_location(f"safetydpo_files_{name}_cli", REPO_ROOT / "trainer" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"trainer/{name}.py", f"safetydpo_files_{name}_cli")
 
 
 # -- permissions --------------------------------------------------------------------------------

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from shared_helpers import random_expert
+
 from comfyui_safetydpo import lora_files, merging
 from comfyui_safetydpo.errors import MergeError
-from comfyui_safetydpo.expert import LoraModule, SafetyExpert
 from comfyui_safetydpo.least_squares_merge import (
     LayerInputStatistics,
     merge_least_squares,
@@ -19,10 +20,7 @@ MODULES = ("unet.block.to_k", "unet.block.to_v")
 
 
 def make_expert(name, seed, rank=2, alpha=4.0):
-    g = torch.Generator().manual_seed(seed)
-    modules = {m: LoraModule(torch.randn(rank, WIDTH, generator=g), torch.randn(OUT, rank, generator=g), alpha)
-               for m in MODULES}
-    return SafetyExpert(name, modules, architecture="sd15", categories=[name.capitalize()])
+    return random_expert(name, {m: (OUT, WIDTH) for m in MODULES}, seed, rank, alpha)
 
 
 class TinyBlock(torch.nn.Module):

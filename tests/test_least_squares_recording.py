@@ -3,12 +3,13 @@ diffusers model, and ``trainer/merge.py`` (statistics kinds detected, clear erro
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from training_helpers import save_tiny_diffusers_folder
+
+from shared_helpers import load_script
 
 from comfyui_safetydpo import calibration, lora_files, merging
 from comfyui_safetydpo.errors import DatasetError, MergeError
@@ -123,10 +124,7 @@ def test_recording_samples_each_experts_prompts_and_the_safe_prompts_with_guidan
 
 
 def merge_cli():
-    spec = importlib.util.spec_from_file_location("safetydpo_merge_cli_ls", REPO_ROOT / "trainer" / "merge.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("trainer/merge.py", "safetydpo_merge_cli_ls")
 
 
 def test_command_line_records_least_squares_statistics_and_merges(world, capsys):

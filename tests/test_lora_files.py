@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from shared_helpers import random_expert
+
 from comfyui_safetydpo import lora_files, unet_keys
 from comfyui_safetydpo.errors import ArchitectureMismatchError, LoraFormatError
 from comfyui_safetydpo.expert import LoraModule, SafetyExpert
@@ -28,15 +30,8 @@ SD15_MODULES = {  # name: (out, in) or (out, in, k, k), rank, alpha
 
 
 def make_expert(modules=SD15_MODULES, seed=0, architecture="sd15", name="hate"):
-    generator = torch.Generator().manual_seed(seed)
-    built = {}
-    for module, (shape, rank, alpha) in modules.items():
-        out_features, in_features, *kernel = shape
-        down = torch.randn(rank, in_features, *kernel, generator=generator)
-        up = torch.randn(out_features, rank, *([1, 1] if kernel else []), generator=generator)
-        built[module] = LoraModule(down, up, alpha)
-    return SafetyExpert(name=name, modules=built, architecture=architecture, categories=["Hate", "Harassment"],
-                        metadata={"safetydpo_recipe": json.dumps({"method": "dpo", "beta": 5000})})
+    return random_expert(name, modules, seed, architecture=architecture, categories=["Hate", "Harassment"],
+                         metadata={"safetydpo_recipe": json.dumps({"method": "dpo", "beta": 5000})})
 
 
 def assert_identical(expected: SafetyExpert, loaded: SafetyExpert):

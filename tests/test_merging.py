@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from shared_helpers import REPO_ROOT, load_script, random_expert
+
 from comfyui_safetydpo import lora_files, merging
 from comfyui_safetydpo.calibration import CalibrationStatistics, ModuleStatistics, expert_fingerprint
 from comfyui_safetydpo.errors import ArchitectureMismatchError, MergeError
@@ -16,14 +18,8 @@ MODULES = {"unet.a.to_q": (12, 10), "unet.b.to_k": (16, 10), "unet.c.conv": (6, 
 
 
 def make_expert(name, seed, scale=1.0, rank=3, alpha=6.0, modules=MODULES):
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for m, (o, i) in modules.items():
-        if m.endswith("conv"):
-            out[m] = LoraModule(torch.randn(rank, i, 3, 3, generator=g), scale * torch.randn(o, rank, 1, 1, generator=g), alpha)
-        else:
-            out[m] = LoraModule(torch.randn(rank, i, generator=g), scale * torch.randn(o, rank, generator=g), alpha)
-    return SafetyExpert(name, out, architecture="sd15", categories=[name.capitalize()])
+    shapes = {m: (o, i, 3, 3) if m.endswith("conv") else (o, i) for m, (o, i) in modules.items()}
+    return random_expert(name, shapes, seed, rank, alpha, scale)
 
 
 def make_statistics(experts, activations):
@@ -232,14 +228,7 @@ def _attention_expert(unet, name, seed):
 
 
 def _merge_cli():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "trainer" / "merge.py"
-    spec = importlib.util.spec_from_file_location("safetydpo_merge_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module, path
+    return load_script("trainer/merge.py", "safetydpo_merge_cli"), REPO_ROOT / "trainer" / "merge.py"
 
 
 def test_command_line_computes_statistics_and_co_merges_files(tmp_path, capsys):

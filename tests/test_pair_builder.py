@@ -8,47 +8,21 @@ import json
 
 import pytest
 import torch
+import training_helpers
 
 from comfyui_safetydpo.concepts import PromptPair, parse_pair_lines
 from comfyui_safetydpo.errors import DatasetError
-from comfyui_safetydpo.models import DiffusionBundle
 from comfyui_safetydpo.pair_builder import build_pairs
 from comfyui_safetydpo.pairs import load_image_tensor, load_pairs
 
 WORDS = ["<pad>", "a", "red", "blue", "green", "yellow", "square", "circle", "knife", "flower", "photo", "of"]
 
 
-class WordTokenizer:
-    """Word-level tokenizer with the call signature ``DiffusionBundle.encode_prompts`` uses."""
-
-    model_max_length = 8
-
-    def __call__(self, prompts, padding=None, max_length=None, truncation=None, return_tensors=None):
-        length = max_length or self.model_max_length
-        rows = [([WORDS.index(w) if w in WORDS else 0 for w in p.lower().split()][:length]) for p in prompts]
-
-        class Output:
-            input_ids = torch.tensor([r + [0] * (length - len(r)) for r in rows])
-
-        return Output()
-
-
 def tiny_bundle(seed=0):
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8,
-    )
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=4, max_position_embeddings=8, bos_token_id=0,
-                                        eos_token_id=0, pad_token_id=0))
-    return DiffusionBundle(unet=unet.eval(), text_encoders=[text.eval()], tokenizers=[WordTokenizer()],
-                           noise_scheduler=DDPMScheduler(num_train_timesteps=1000), vae=None, architecture="demo",
-                           resolution=8, name="tiny")
+    bundle = training_helpers.tiny_bundle(seed, vocabulary=WORDS)
+    bundle.unet.eval()
+    bundle.text_encoders[0].eval()
+    return bundle
 
 
 CONCEPTS = """

@@ -10,6 +10,8 @@ import torch
 
 from training_helpers import colour_pairs, tiny_bundle
 
+from shared_helpers import load_script
+
 from comfyui_safetydpo import lora_files
 from comfyui_safetydpo.encoding_cache import encode_preference_pairs
 from comfyui_safetydpo.errors import DatasetError, TrainingCancelled, TrainingError
@@ -136,16 +138,7 @@ def test_bad_data_and_settings_fail_clearly(tmp_path):
 
 
 def load_train_cli():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "trainer" / "train.py"
-    spec = importlib.util.spec_from_file_location("safetydpo_train_cli", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("trainer/train.py", "safetydpo_train_cli")
 
 
 def test_command_line_config_file_flags_and_per_category_mode(tmp_path, capsys):
@@ -193,9 +186,9 @@ def test_fp16_scales_the_loss_skips_overflow_steps_and_resumes_exactly(tmp_path,
     counting as a bad step, and the scale is part of the checkpoint (stopped + resumed = straight run)."""
     import json
 
-    from comfyui_safetydpo import training
+    from comfyui_safetydpo import training_loop
 
-    monkeypatch.setattr(training, "FP16_INITIAL_SCALE", 2.0 ** 24)  # overflows fp16 at once: must back off
+    monkeypatch.setattr(training_loop, "FP16_INITIAL_SCALE", 2.0 ** 24)  # overflows fp16 at once: must back off
     pairs = colour_pairs(tmp_path / "pairs", 6)
     config = TrainingConfig(**{**FAST, "max_steps": 4, "checkpoint_every": 2, "batch_size": 2,
                                "mixed_precision": "fp16", "max_bad_steps": 2})

@@ -19,11 +19,14 @@ class WordTokenizer:
 
     model_max_length = 8
 
+    def __init__(self, vocabulary=VOCAB):
+        self.vocabulary = list(vocabulary)
+
     def __call__(self, prompts, padding=None, max_length=None, truncation=None, return_tensors=None):
         length = max_length or self.model_max_length
         rows = []
         for prompt in prompts:
-            ids = [VOCAB.index(w) if w in VOCAB else 0 for w in prompt.lower().split()][:length]
+            ids = [self.vocabulary.index(w) if w in self.vocabulary else 0 for w in prompt.lower().split()][:length]
             rows.append(ids + [0] * (length - len(ids)))
 
         class Output:
@@ -32,18 +35,20 @@ class WordTokenizer:
         return Output()
 
 
-def tiny_bundle(seed: int = 0, cross_attention_dim: int = 32, prediction_type: str = "epsilon", size: int = 8):
+def tiny_bundle(seed: int = 0, cross_attention_dim: int = 32, prediction_type: str = "epsilon", size: int = 8,
+                vocabulary=VOCAB):
+    """A tiny random UNet + one-layer CLIP text encoder with a word-level tokenizer over ``vocabulary``."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=size, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8,
     )
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(VOCAB), hidden_size=cross_attention_dim, intermediate_size=64,
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocabulary), hidden_size=cross_attention_dim, intermediate_size=64,
                                         num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=8,
                                         bos_token_id=0, eos_token_id=0, pad_token_id=0))
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
-    return DiffusionBundle(unet=unet, text_encoders=[text], tokenizers=[WordTokenizer()], noise_scheduler=scheduler,
+    return DiffusionBundle(unet=unet, text_encoders=[text], tokenizers=[WordTokenizer(vocabulary)], noise_scheduler=scheduler,
                            vae=None, architecture="demo", prediction_type=prediction_type, resolution=size, name="tiny")
 
 
