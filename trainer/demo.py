@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="the small test-suite setting (3 concepts, about a minute)")
     parser.add_argument("--fresh", action="store_true", help="delete the cache first and build everything again")
     parser.add_argument("--expert-steps", type=int, default=None, help="training steps per expert")
+    parser.add_argument("--expert-learning-rate", type=float, default=None,
+                        help="learning rate of the DPO experts (default: the demo recipe's 1e-3; docs/demo.md has 3e-3)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the world model, the pairs, the experts and the held-out evaluation (default 0)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -71,6 +73,8 @@ def main(argv=None) -> int:
         settings.concepts = args.concepts
     if args.expert_steps is not None:
         settings.expert_steps = args.expert_steps
+    if args.expert_learning_rate is not None:
+        settings.recipe = dict(settings.recipe, learning_rate=args.expert_learning_rate)
     if args.no_baselines:
         settings.baselines = False
     if args.all_baselines:
