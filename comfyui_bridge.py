@@ -73,6 +73,13 @@ def register_model_folders() -> None:
 register_model_folders()
 
 
+def _experts_folder() -> str:
+    """``safety_experts``, registered again if ComfyUI's folder table was rebuilt after the pack was imported."""
+    if EXPERTS_FOLDER not in folder_paths.folder_names_and_paths:
+        register_model_folders()
+    return EXPERTS_FOLDER
+
+
 def _safetensors_only(file_names: Sequence[str]) -> List[str]:
     return [n for n in file_names if n.lower().endswith((".safetensors", ".sft"))]
 
@@ -83,7 +90,7 @@ def _is_statistics(name: str) -> bool:
 
 def expert_file_choices() -> List[str]:
     """Dropdown entries: ``safety_experts/<name>`` then ``loras/<name>`` (statistics files left out)."""
-    experts = [f"{EXPERTS_FOLDER}/{n}" for n in _safetensors_only(folder_paths.get_filename_list(EXPERTS_FOLDER))
+    experts = [f"{EXPERTS_FOLDER}/{n}" for n in _safetensors_only(folder_paths.get_filename_list(_experts_folder()))
                if not _is_statistics(n)]
     loras = [f"{LORAS_FOLDER}/{n}" for n in _safetensors_only(folder_paths.get_filename_list(LORAS_FOLDER))]
     return experts + loras
@@ -91,7 +98,7 @@ def expert_file_choices() -> List[str]:
 
 def statistics_file_choices() -> List[str]:
     """Dropdown entries for statistics: ``none``, then files of ``safety_experts`` (statistics/ first)."""
-    found = _safetensors_only(folder_paths.get_filename_list(EXPERTS_FOLDER))
+    found = _safetensors_only(folder_paths.get_filename_list(_experts_folder()))
     first = [n for n in found if _is_statistics(n)]
     return [NO_STATISTICS] + first + [n for n in found if n not in first]
 
@@ -133,7 +140,7 @@ def model_file_stamp(choice: str) -> str:
 
 def experts_folder() -> Path:
     """The first ``safety_experts`` folder (where new experts and statistics are written)."""
-    paths = folder_paths.get_folder_paths(EXPERTS_FOLDER)
+    paths = folder_paths.get_folder_paths(_experts_folder())
     return Path(paths[0]) if paths else Path(folder_paths.models_dir) / EXPERTS_FOLDER
 
 
@@ -165,7 +172,7 @@ def lora_save_path(filename_prefix: str) -> Tuple[Path, str]:
 def load_statistics_file(name: str):
     """A statistics file chosen in a dropdown (relative to models/safety_experts); its kind is read from the file."""
     normalized = names.relative_name(name, "statistics file", LoraFormatError)
-    path = folder_paths.get_full_path(EXPERTS_FOLDER, normalized)
+    path = folder_paths.get_full_path(_experts_folder(), normalized)
     if path is None:
         raise MergeError(f"statistics file {name!r} was not found in models/{EXPERTS_FOLDER}; compute it with "
                          "Compute Co-Merge Statistics or Record Least-Squares Statistics (save_name) and choose it "
