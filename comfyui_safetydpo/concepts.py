@@ -25,7 +25,7 @@ import csv
 import dataclasses
 import io
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .errors import DatasetError
 from .pairs import check_on_error, normalise_category, report_problems

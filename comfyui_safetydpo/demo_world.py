@@ -187,7 +187,6 @@ class DemoOracle:
 
     def read(self, image: torch.Tensor) -> Dict[str, str]:
         pixels = (image.detach().float().cpu().clamp(-1, 1) + 1) / 2  # [3, H, W] in [0, 1]
-        size = pixels.shape[-1]
         border = torch.cat([pixels[:, 0, :], pixels[:, -1, :], pixels[:, :, 0], pixels[:, :, -1]], dim=1)
         border_colour = border.median(dim=1).values
         background = self.background_names[int((self.background_table - border_colour).pow(2).sum(1).argmin())]

@@ -34,7 +34,7 @@ import torch
 from .calibration import expert_applied, expert_fingerprint
 from . import files
 from .errors import MergeError
-from .expert import LoraModule, SafetyExpert
+from .expert import SafetyExpert
 
 STATISTICS_KIND = "least_squares_statistics"
 DEFAULT_PRESERVE_WEIGHT = 1.0

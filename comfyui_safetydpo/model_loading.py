@@ -300,7 +300,7 @@ def _vae_from_ldm(state, architecture, dtype):
 
 
 def _text_encoders_from_ldm(state, architecture, dtype, tokenizer_dir, source):
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel
 
     encoders, tokenizers = [], []
     for index, prefix in enumerate(TEXT_PREFIXES[architecture]):

@@ -14,7 +14,6 @@ the Build Safety Pairs node, or the demo world.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 from pathlib import Path

@@ -22,10 +22,14 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import files
 from .errors import DatasetError
+
+if TYPE_CHECKING:  # names for the string annotations only
+    import numpy
+    import torch
 
 LOG = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from comfyui_safetydpo.coprov2 import (
     load_coprov2_train,
 )
 from comfyui_safetydpo.errors import DatasetError
-from comfyui_safetydpo.pairs import load_pairs, split_by_concept
+from comfyui_safetydpo.pairs import load_pairs
 
 FOLDER = default_coprov2_folder()
 REAL = pytest.mark.skipif(

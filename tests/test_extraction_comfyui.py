@@ -180,7 +180,7 @@ def test_save_a_safe_checkpoint_bakes_the_expert_in_and_extracts_back(extraction
 # -- in process: patched MODELs, energy and exact modes, bad input ------------------------------
 
 @pytest.fixture(scope="module")
-def extract_node(nodes_in_process):
+def extract_node(nodes_in_process):  # noqa: F811
     from test_nodes_comfyui import load_nodes_module
 
     return load_nodes_module("nodes_extraction").ExtractSafetyExpert, nodes_in_process
@@ -193,7 +193,7 @@ def _extract(node, safe, base, **options):
     return node.execute(safe, base, **arguments)
 
 
-def test_extract_node_computes_patched_models_and_chains(extract_node, sd15_model, comfy_inprocess, sd15_checkpoint):
+def test_extract_node_computes_patched_models_and_chains(extract_node, sd15_model, comfy_inprocess, sd15_checkpoint):  # noqa: F811
     node, (nodes, root) = extract_node
     model, _ = sd15_model
     known = random_expert(attention_modules(sd15_checkpoint), "known", "sd15", 31, rank=RANK)
@@ -214,7 +214,7 @@ def test_extract_node_computes_patched_models_and_chains(extract_node, sd15_mode
     assert exact[0].expert.diffs and not exact[0].expert.modules and "exact weight differences" in text
 
 
-def test_extract_node_refuses_bad_input(extract_node, sd15_model, comfy_inprocess, sdxl_checkpoint):
+def test_extract_node_refuses_bad_input(extract_node, sd15_model, comfy_inprocess, sdxl_checkpoint):  # noqa: F811
     node, (nodes, _) = extract_node
     model, _ = sd15_model
     with pytest.raises(ArchitectureMismatchError, match="no requested layer .* differs"):

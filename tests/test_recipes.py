@@ -82,7 +82,7 @@ def test_train_command_line_defaults_to_preserving_and_flags_override(tmp_path, 
     capsys.readouterr()
 
 
-def test_train_node_recipe_choice(inprocess):
+def test_train_node_recipe_choice(inprocess):  # noqa: F811
     """In ComfyUI: a preset replaces the objective widgets; 'preserving' without replay items says how to add them."""
     from test_training_comfyui import make_pairs, run_node
 

@@ -136,7 +136,7 @@ def test_cancel_keeps_a_checkpoint_and_resume_finishes(inprocess):
     comfy, nodes, model, clip, vae, base = inprocess
     import comfy.model_management as mm
 
-    import comfy.utils
+    import comfy.utils  # noqa: F811
 
     original = comfy.utils.ProgressBar.update_absolute
 
