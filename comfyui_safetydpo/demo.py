@@ -321,6 +321,18 @@ class DemoResult:
     seconds: float
 
 
+def _world_model(world: dw.DemoWorld, settings: DemoSettings, cache_dir: Path, retrain: bool,
+                 report: Callable[[str], None]):
+    """The shipped, cached or newly trained world model; ``retrain`` writes it where the shipped weights live."""
+    def progress(step, total, loss):
+        if step % max(total // 10, 1) == 0:
+            report(f"  world model step {step}/{total} loss {loss:.4f}")
+
+    shipped = dw.shipped_model_folder(world, settings.world) if retrain else None
+    return dw.load_or_train_world_model(world, settings.world, cache_dir, progress=progress, retrain=retrain,
+                                        shipped_dir=shipped)
+
+
 def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fresh: bool = False,
              report: Callable[[str], None] = print, retrain_world: bool = False) -> DemoResult:
     """Run the whole chain and write the report; returns the summary numbers.
@@ -354,13 +366,7 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     report(f"demo world (seed {settings.seed}): {len(world.concepts)} unsafe concepts, {len(world.scenes())} scenes; "
            f"oracle accuracy on held-out renders {oracle_accuracy['all']:.1%} ({oracle_accuracy['renders']} renders)")
 
-    def model_progress(step, total, loss):
-        if step % max(total // 10, 1) == 0:
-            report(f"  world model step {step}/{total} loss {loss:.4f}")
-
-    shipped = dw.shipped_model_folder(world, settings.world) if retrain_world else None
-    bundle, model_info = dw.load_or_train_world_model(world, settings.world, cache_dir, progress=model_progress,
-                                                      retrain=retrain_world, shipped_dir=shipped)
+    bundle, model_info = _world_model(world, settings, cache_dir, retrain_world, report)
     model_key = model_info["key"]
     origin = {"shipped": "shipped with the repository", "cache": "cached"}.get(model_info.get("origin"), "trained")
     report(f"world model: {origin} ({model_info.get('train_seconds')} s to train)")
@@ -733,14 +739,7 @@ def check_world_model(cache_dir, settings: Optional[DemoSettings] = None, retrai
     settings = settings or DemoSettings()
     world = dw.DemoWorld(settings.concepts)
     oracle = dw.DemoOracle(world)
-
-    def model_progress(step, total, loss):
-        if step % max(total // 10, 1) == 0:
-            report(f"  world model step {step}/{total} loss {loss:.4f}")
-
-    shipped = dw.shipped_model_folder(world, settings.world) if retrain else None
-    bundle, info = dw.load_or_train_world_model(world, settings.world, Path(cache_dir), progress=model_progress,
-                                                retrain=retrain, shipped_dir=shipped)
+    bundle, info = _world_model(world, settings, Path(cache_dir), retrain, report)
     items = evaluation_items(world, settings.eval_seeds)
     readings = [oracle.read(image) for image in render_variant(bundle, None, items, settings)]
     result = {"seed": settings.seed, "origin": info.get("origin"), "train_seconds": info.get("train_seconds"),
