@@ -180,9 +180,13 @@ def atomic_folder(path, error: Type[SafetyDPOError] = SafetyDPOError, what: str 
             elif entry.is_dir():
                 os.chmod(entry, folder_mode())
         os.chmod(temp, folder_mode())
-        if path.exists():
-            shutil.rmtree(path)
+        aside = None
+        if path.exists():  # renamed aside, not deleted in place: a crash mid-delete left a half folder
+            aside = path.with_name(f".{path.name}.old.{os.getpid()}")
+            os.replace(path, aside)
         os.replace(temp, path)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     except _write_errors() as failure:
         raise error(f"{path}: could not write the {what} ({_reason(failure)}); {advice}") from None
     finally:
