@@ -34,6 +34,8 @@ import comfy.utils
 import folder_paths
 
 from .comfyui_safetydpo import calibration, extraction, least_squares_merge, lora_files, names, unet_keys
+from .comfyui_safetydpo import concept_gate
+from .comfyui_safetydpo.concept_gate import gate_metadata
 from .comfyui_safetydpo.encoding_cache import encode_preference_pairs, module_fingerprint
 from .comfyui_safetydpo.errors import (ArchitectureMismatchError, DatasetError, LoraFormatError, MergeError,
                                        SafetyDPOError, TrainingCancelled, TrainingError)
@@ -468,6 +470,62 @@ def apply_experts(model, clip, chain: Sequence, strength: float):
     return new_model, new_clip
 
 
+def gate_prompt_encoder(clip) -> concept_gate.PromptEncoder:
+    """Token states of prompts with the graph's CLIP (``concept_gate.PromptEncoder``): the conditioning ComfyUI
+    samples with, one row per token of the first text encoder's tokenizer, start/end/padding left out."""
+    def encode(prompts: Sequence[str]):
+        encoded = []
+        for text in prompts:
+            tokens = clip.tokenize(text, return_word_ids=True)
+            key = "l" if "l" in tokens else sorted(tokens)[0]
+            flat = [token for chunk in tokens[key] for token in chunk]
+            states = clip.encode_from_tokens(tokens)[0].float().cpu()
+            count = min(len(flat), states.shape[0])
+            words = torch.tensor([len(t) > 2 and int(t[2]) > 0 for t in flat[:count]], dtype=torch.bool)
+            ids = torch.tensor([int(t[0]) for t in flat[:count]], dtype=torch.long)
+            encoded.append((states[:count][words], ids[words]))
+        return encoded
+
+    return encode
+
+
+_GATES: Dict[Tuple, concept_gate.ConceptGate] = {}
+
+
+def prompt_gate(clip, chain: Sequence, pairs: Sequence = (), safe_prompts: Sequence[str] = ()):
+    """The chain's prompt gate for this CLIP, built once per CLIP, experts and references (kept for 4 chains)."""
+    experts = [choice.expert for choice in chain]
+    names_seen = [e.name for e in experts]
+    if len(set(names_seen)) != len(names_seen):
+        raise MergeError(f"the prompt gate needs distinct expert names, got {names_seen}; rename the files")
+    references = concept_gate.references_for_experts(experts, pairs)
+    key = (id(getattr(clip, "cond_stage_model", clip)), repr(sorted(references.items())), tuple(safe_prompts))
+    if key not in _GATES:
+        if len(_GATES) >= 4:
+            _GATES.pop(next(iter(_GATES)))
+        _GATES[key] = concept_gate.build_concept_gate(gate_prompt_encoder(clip), references, safe_prompts)
+    return _GATES[key]
+
+
+def apply_experts_by_prompt(model, clip, chain: Sequence, prompt: str, strength: float, pairs: Sequence = (),
+                            safe_prompts: Sequence[str] = ()):
+    """``apply_experts`` with each expert's weight kept where the gate finds its concept in ``prompt`` and 0 where
+    it does not; the inputs unchanged when it finds none. Returns (model, clip, one line per expert)."""
+    if not chain:
+        raise MergeError(NO_EXPERTS)
+    if not str(prompt or "").strip():
+        raise MergeError("give the prompt you sample with (connect the same text as the positive CLIP Text Encode)")
+    gate = prompt_gate(clip, chain, pairs, safe_prompts)
+    states, _ = gate_prompt_encoder(clip)([prompt])[0]
+    present = set(gate.present(states))
+    gated = [dataclasses.replace(c, weight=c.weight if c.expert.name in present else 0.0) for c in chain]
+    report = gate.describe(states)
+    if not any(c.weight for c in gated) or strength == 0:
+        return model, clip, report + "\nno expert applied: the model is unchanged"
+    model, clip = apply_experts(model, clip, [c for c in gated if c.weight], strength)
+    return model, clip, report
+
+
 def check_experts_fit(chain: Sequence, model, clip=None) -> None:
     """Fit check of every expert first: clear messages instead of shape errors in the middle of a run."""
     for choice in chain:
@@ -763,7 +821,8 @@ def train_expert(model, clip, vae, pairs, config: TrainingConfig, run_dir: Path,
         try:
             result = train_lora(denoiser, data, config, output_dir=run_dir, resume=resume, progress=progress,
                                 should_stop=lambda: bool(interrupted) or cancelled(),
-                                interrupt_exceptions=(comfy.model_management.InterruptProcessingException,))
+                                interrupt_exceptions=(comfy.model_management.InterruptProcessingException,),
+                                metadata=gate_metadata(pairs))
         except TrainingCancelled as error:
             log.info("Train Safety Expert %s: %s", config.expert_name, error)
             # let ComfyUI show the run as interrupted; the checkpoint was kept

@@ -438,6 +438,67 @@ class ApplySafetyExperts(io.ComfyNode):
         return io.NodeOutput(*bridge.apply_experts(model, clip, check_chain(experts), float(strength)))
 
 
+def gate_reference_pairs(experts: Sequence[SafetyExpert], concept_file: str):
+    """Prompt pairs from an optional concept file, for experts that carry no reference prompts of their own."""
+    if not (concept_file and concept_file.strip()):
+        return ()
+    path = bridge.input_file(concept_file, "concept file", MergeError,
+                             "; put the .csv / .yaml / .txt concept list there (columns unsafe_prompt, "
+                             "safe_prompt, category)")
+    return load_concept_file(path, extra_categories=sorted({c for e in experts for c in e.categories}))
+
+
+class ApplySafetyExpertsByPrompt(io.ComfyNode):
+    """Apply Safety Experts by Prompt: each expert only when the prompt carries its concept."""
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SafetyDPOApplyExpertsByPrompt", display_name="Apply Safety Experts by Prompt",
+            category=EXPERTS_CATEGORY,
+            description=("Applies each safety expert only when the prompt carries its concept, judged from CLIP's "
+                         "token states (a small classifier fitted to the expert's own training prompt pairs, stored "
+                         "in experts this pack trains): a safe prompt gets the unchanged model, a prompt with one "
+                         "concept gets that concept's expert alone. Merging every expert into every prompt is what "
+                         "changed safe prompts on the demo world (docs/demo.md). Feed it the same text as your "
+                         "positive prompt. It reads the text encoder, not words, but a wording the encoder maps "
+                         "elsewhere is missed: check the report on your own paraphrases."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model to make safer (SD1.5, SD2.1 or SDXL)."),
+                io.Clip.Input("clip", tooltip="The CLIP you encode the prompt with (the gate reads its states)."),
+                SafetyExpertChain.Input("experts", tooltip=(
+                    "The experts to gate (a Load Safety Expert chain); each weight is used where its concept is "
+                    "found.")),
+                io.String.Input("prompt", multiline=True, default="", tooltip=(
+                    "The positive prompt you sample with: convert the CLIP Text Encode text to an input and connect "
+                    "the same string to both.")),
+                io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05, tooltip=(
+                    "Overall strength of the experts that are on; 0 returns the inputs unchanged.")),
+                io.String.Input("concept_file", default="", optional=True, tooltip=(
+                    "Only for experts without stored reference prompts (older files, other tools): a concept list "
+                    "in ComfyUI's input folder (CSV/YAML/text: unsafe prompt, safe prompt, category); the pairs "
+                    "that share an expert's category become its references.")),
+                io.String.Input("safe_prompts", multiline=True, default="", optional=True, tooltip=(
+                    "More prompts that must never turn an expert on, one per line (# starts a comment).")),
+            ],
+            outputs=[
+                io.Model.Output("model", display_name="model", tooltip=(
+                    "The model with the experts whose concept the prompt carries (unchanged when none).")),
+                io.Clip.Output("clip", display_name="clip", tooltip=(
+                    "The patched CLIP when an expert that is on changes the text encoder, else the input CLIP.")),
+                io.String.Output("report", display_name="report", tooltip=(
+                    "One line per expert: on/off and the gate's score (on above 0.5).")),
+            ])
+
+    @classmethod
+    def execute(cls, model, clip, experts, prompt, strength, concept_file="", safe_prompts="") -> io.NodeOutput:
+        chain = check_chain(experts)
+        pairs = gate_reference_pairs([c.expert for c in chain], concept_file)
+        model, clip, report = bridge.apply_experts_by_prompt(model, clip, chain, prompt, float(strength), pairs,
+                                                             text_lines(safe_prompts))
+        return io.NodeOutput(model, clip, report, ui={"text": [report]})
+
+
 class SaveSafetyLora(io.ComfyNode):
     """Save Safety LoRA: the (merged) expert as a kohya LoRA in models/loras for any LoRA loader."""
 
@@ -470,4 +531,4 @@ class SaveSafetyLora(io.ComfyNode):
 
 
 NODES = [LoadSafetyExpert, MergeSafetyExperts, ComputeCoMergeStatistics, RecordLeastSquaresStatistics,
-         ApplySafetyExperts, SaveSafetyLora]
+         ApplySafetyExperts, ApplySafetyExpertsByPrompt, SaveSafetyLora]

@@ -27,6 +27,7 @@ from typing import Dict
 
 import torch
 
+from .concept_gate import gate_metadata
 from .encoding_cache import encode_preference_pairs
 from .errors import DatasetError
 from .lora_injection import (expert_from_lora, inject_lora, lora_is_identity, lora_parameters, remove_lora,
@@ -117,7 +118,7 @@ def train_expert(bundle, pairs, config: TrainingConfig, output_dir=None, resume:
     for p in bundle.unet.parameters():
         p.requires_grad_(False)
     return train_lora(denoiser_for_bundle(bundle), data, config, output_dir, resume, progress, should_stop,
-                      parallel=parallel)
+                      parallel=parallel, metadata=gate_metadata(pairs))
 
 
 def train_per_category(bundle, pairs, config: TrainingConfig, output_dir, categories=None,

@@ -51,6 +51,7 @@ def train_lora(
     keep_lora: bool = False,
     interrupt_exceptions: tuple = (),
     parallel=None,
+    metadata: Optional[Dict[str, str]] = None,
 ) -> TrainingResult:
     """Train a LoRA on ``denoiser.module`` with the configured objective; returns the expert.
 
@@ -58,6 +59,7 @@ def train_lora(
     ops check for Cancel on every layer); the step in progress is dropped, the last completed step is
     checkpointed and ``TrainingCancelled`` is raised. ``parallel``: a ``distributed.ProcessGroup`` to
     train data-parallel (``batch_size`` pairs per process per micro-batch; see distributed.py).
+    ``metadata``: more entries for the expert file (e.g. ``concept_gate.gate_metadata``).
     """
     config.validate()
     if len(data) == 0:
@@ -71,14 +73,14 @@ def train_lora(
     inject_lora(module, config)
     try:
         return _train(denoiser, data, config, output_dir, resume, progress, should_stop, device, started,
-                      interrupt_exceptions, parallel)
+                      interrupt_exceptions, parallel, metadata)
     finally:
         if not keep_lora:
             remove_lora(module)
 
 
 def _train(denoiser, data, config, output_dir, resume, progress, should_stop, device, started,
-           interrupt_exceptions=(), parallel=None):
+           interrupt_exceptions=(), parallel=None, metadata=None):
     module = denoiser.module
     is_main = parallel is None or parallel.is_main  # only the main process writes files
     batches = config  # batch sizes of one step: per process × processes when data-parallel
@@ -221,8 +223,10 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
             progress(step, config.max_steps, step_metrics)
         if checkpoints is not None and config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
             checkpoint()
-    expert = expert_from_lora(module, denoiser, config,
-                              {"safetydpo_processes": str(parallel.world)} if parallel is not None else None)
+    extra = dict(metadata or {})
+    if parallel is not None:
+        extra["safetydpo_processes"] = str(parallel.world)
+    expert = expert_from_lora(module, denoiser, config, extra)
     result = TrainingResult(expert=expert, history=history, steps=step, seconds=time.time() - started)
     if output_dir and is_main:
         from .lora_files import save_expert

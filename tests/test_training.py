@@ -12,7 +12,7 @@ from training_helpers import colour_pairs, tiny_bundle
 
 from shared_helpers import load_script
 
-from comfyui_safetydpo import lora_files
+from comfyui_safetydpo import concept_gate, lora_files
 from comfyui_safetydpo.encoding_cache import encode_preference_pairs
 from comfyui_safetydpo.errors import DatasetError, TrainingCancelled, TrainingError
 from comfyui_safetydpo.dpo_loss import per_sample_mse
@@ -83,6 +83,9 @@ def test_dpo_learns_the_preference_and_generalises_to_held_out_pairs(tmp_path):
     name = result.expert.module_names[0]
     assert torch.allclose(loaded.delta_weight(name), result.expert.delta_weight(name))
     assert '"dpo_beta": 500.0' in loaded.metadata["safetydpo_recipe"]
+    # and the pairs it learned from, for the prompt gate (concept_gate)
+    stored = concept_gate.gate_prompts_from_metadata(loaded.metadata)
+    assert stored and set(stored) <= {(p.prompt, p.safe_prompt) for p in train.pairs}
     assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 61
     assert all(not any("lora" in n for n, _ in bundle.unet.named_parameters()) for _ in [0])  # LoRA removed
 
