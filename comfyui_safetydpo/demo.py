@@ -28,6 +28,7 @@ import torch
 from . import demo_world as dw
 from . import files
 from .calibration import calibrate_bundle, diffusers_module_lookup, expert_applied, expert_fingerprint
+from .concept_gate import ConceptGate, build_concept_gate, bundle_prompt_encoder
 from .concepts import PromptPair
 from .expert import SafetyExpert
 from .lora_files import load_expert, save_expert
@@ -75,6 +76,7 @@ class DemoSettings:
     one_on_all: bool = True
     weight_zero_checks: bool = True  # each concept's weight at 0 in turn: does only that concept come back?
     experts_alone: bool = True  # each expert applied alone: what it removes and what it changes before any merge
+    gate: bool = True  # also measure the experts gated by prompt (concept_gate): each prompt meets only its concepts'
     co_merge_granularity: str = "element"  # measured: row Co-Merge kept too little of each expert (docs/demo.md)
     calibration_images_per_prompt: int = 1
     seed: int = 0
@@ -442,6 +444,25 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     for name, row in results.items():
         row["removed"] = 1.0 - row["unsafe_rate"] / base_rate if base_rate > 0 else float("nan")
     base_fidelity = prompt_fidelity(items, base_readings)
+    gate_summary = None
+    if settings.gate:
+        gate = demo_gate(bundle, world, pairs)
+        present = gate_readings(gate, bundle, items)
+        gate_summary = gate_accuracy_by_split(items, present)
+        report(f"prompt gate: finds the concept in {gate_summary['found']:.1%} of unsafe prompts "
+               f"({gate_summary['found_held_out']:.1%} on held-out templates), turns an expert on for "
+               f"{gate_summary['safe_on']:.1%} of safe prompts")
+        names = [c.name for c in world.concepts]
+        images[GATED_LABEL] = render_gated(bundle, experts, names, present, weights, items, settings, base_images)
+        results[GATED_LABEL] = measure(oracle, items, base_images, images[GATED_LABEL], base_readings)
+        low, high = wilson_interval(results[GATED_LABEL]["unsafe_count"], results[GATED_LABEL]["unsafe_n"])
+        results[GATED_LABEL]["unsafe_ci"] = [low, high]
+        results[GATED_LABEL]["removed"] = 1.0 - results[GATED_LABEL]["unsafe_rate"] / base_rate if base_rate > 0 \
+            else float("nan")
+        if settings.weight_zero_checks and len(experts) > 1:
+            gate_summary["weight_zero"] = gated_weight_zero_check(
+                bundle, experts, names, present, items, base_images, base_readings, oracle, settings,
+                results["base"]["per_concept"], report)
     weight_zero = None
     if settings.weight_zero_checks and len(experts) > 1:
         weight_zero = weight_zero_check(bundle, merger, settings.merge_method, experts, items, base_images,
@@ -460,6 +481,7 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
         "settings": settings.to_json(), "seed": settings.seed, "oracle_accuracy": oracle_accuracy,
         "world_model": model_info, "base_prompt_fidelity": base_fidelity, "pairs": pairs_check, "results": results,
         "default_variant": default_name, "weight_zero": weight_zero, "experts_alone": alone, "timings": timings,
+        "gate": gate_summary,
         "base_attribute_fidelity": attribute_fidelity(items, base_readings),
         "co_merge_wins": co_merge_wins(variants[MERGE_LABELS["co_merge"]]) if MERGE_LABELS["co_merge"] in variants else {},
         "co_merge_granularity": settings.co_merge_granularity, "concepts": [dataclasses.asdict(c) for c in world.concepts],
@@ -502,6 +524,15 @@ def _spread(values: Sequence[float]) -> Dict[str, float]:
     return {"mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values))}
 
 
+def _weight_zero_spread(rows: Sequence[Dict[str, object]]) -> Optional[Dict[str, object]]:
+    """The weight-0 checks of all seeds in a few numbers (None when there are none)."""
+    if not rows:
+        return None
+    return {"max_points_from_base": max(abs(r["rate"] - r["base_rate"]) for r in rows),
+            "max_other_concept_rate": max(r["others_max"] for r in rows),
+            "mean_other_concept_rate": float(np.mean([r["others_mean"] for r in rows])), "checks": len(rows)}
+
+
 def aggregate_seeds(runs: Dict[int, Dict[str, object]]) -> Dict[str, object]:
     """Mean and range over seeds for each variant and measure, the weight-0 checks and the world's fidelity."""
     seeds = sorted(runs)
@@ -509,12 +540,13 @@ def aggregate_seeds(runs: Dict[int, Dict[str, object]]) -> Dict[str, object]:
     variants = [v for v in first["results"] if all(v in runs[s]["results"] for s in seeds)]
     table = {v: {key: _spread([runs[s]["results"][v][key] for s in seeds]) for key, _ in SEED_MEASURES}
              for v in variants}
-    zero = [row for s in seeds for row in (runs[s].get("weight_zero") or [])]
-    weight_zero = None
-    if zero:
-        weight_zero = {"max_points_from_base": max(abs(r["rate"] - r["base_rate"]) for r in zero),
-                       "max_other_concept_rate": max(r["others_max"] for r in zero),
-                       "mean_other_concept_rate": float(np.mean([r["others_mean"] for r in zero])), "checks": len(zero)}
+    weight_zero = _weight_zero_spread([row for s in seeds for row in (runs[s].get("weight_zero") or [])])
+    gates = [runs[s]["gate"] for s in seeds if runs[s].get("gate")]
+    gate = None
+    if len(gates) == len(seeds):
+        gate = {key: _spread([g[key] for g in gates]) for key in ("found", "found_held_out", "safe_on")}
+        gate["weight_zero"] = _weight_zero_spread([row for g in gates for row in (g.get("weight_zero") or [])])
+        gate["variant"] = GATED_LABEL
     alone_rows = [row for s in seeds for row in (runs[s].get("experts_alone") or [])]
     experts_alone = None
     if alone_rows:
@@ -529,6 +561,7 @@ def aggregate_seeds(runs: Dict[int, Dict[str, object]]) -> Dict[str, object]:
                 for label in first["base_prompt_fidelity"]}
     pairs_same_scene = _spread([runs[s]["pairs"]["same_scene"] for s in seeds])
     return {"seeds": seeds, "default_variant": first["default_variant"], "table": table, "weight_zero": weight_zero,
+            "gate": gate,
             "base_prompt_fidelity": fidelity, "pairs_same_scene": pairs_same_scene, "experts_alone": experts_alone,
             "torch_threads": first.get("torch_threads"), "settings": first["settings"],
             "seconds": {s: runs[s]["timings"].get("total") for s in seeds}}
@@ -657,6 +690,77 @@ def experts_alone_check(bundle, experts: Sequence[SafetyExpert], items: Sequence
         report(f"  {concept} expert alone: {concept} {row['rate']:.0%} left (base {row['base_rate']:.0%}), other concepts "
                f"{row['others_removed']:.0%} removed, safe prompts changed {row['safe_changed_oracle']:.1%} (oracle) / "
                f"{row['safe_changed_pixels']:.1%} (pixels)")
+    return rows
+
+
+GATED_LABEL = "DPO experts gated by prompt"
+
+
+def demo_gate(bundle, world: dw.DemoWorld, pairs: PreferencePairs) -> ConceptGate:
+    """The prompt gate from the pairs each expert trained on (and the replay prompts, which must stay off)."""
+    references = {c.name: [(p.prompt, p.safe_prompt) for p in pairs.select([c.category]).pairs]
+                  for c in world.concepts}
+    return build_concept_gate(bundle_prompt_encoder(bundle), references, [r.prompt for r in pairs.replay])
+
+
+def gate_readings(gate: ConceptGate, bundle, items: Sequence[EvalItem]) -> List[List[str]]:
+    """The concepts the gate finds in each item's prompt."""
+    encoded = bundle_prompt_encoder(bundle)(list(dict.fromkeys(i.prompt for i in items)))
+    found = {prompt: gate.present(states) for prompt, (states, _) in zip(dict.fromkeys(i.prompt for i in items),
+                                                                          encoded)}
+    return [found[i.prompt] for i in items]
+
+
+def gate_accuracy_by_split(items: Sequence[EvalItem], present: Sequence[Sequence[str]]) -> Dict[str, object]:
+    """How often the gate finds exactly the prompt's concept (unsafe prompts) or nothing (safe prompts)."""
+    def share(rows):
+        return float(np.mean(rows)) if rows else float("nan")
+
+    unsafe = [(i, list(p) == [i.concept]) for i, p in zip(items, present) if i.unsafe]
+    return {"found": share([ok for _, ok in unsafe]),
+            "found_held_out": share([ok for i, ok in unsafe if i.split == "held-out template"]),
+            "found_training": share([ok for i, ok in unsafe if i.split == "training template"]),
+            "safe_on": share([bool(p) for i, p in zip(items, present) if not i.unsafe]),
+            "missed": sorted({i.prompt for i, ok in unsafe if not ok})[:20]}
+
+
+def render_gated(bundle, experts: Sequence[SafetyExpert], names: Sequence[str], present: Sequence[Sequence[str]],
+                 weights: Sequence[float], items: Sequence[EvalItem], settings: DemoSettings,
+                 base_images: torch.Tensor) -> torch.Tensor:
+    """Each prompt sampled with only the experts of the concepts the gate found in it (their weighted sum when
+    several), the base model's image where it found none."""
+    images = base_images.clone()
+    groups: Dict[Tuple[int, ...], List[int]] = {}
+    for row, found in enumerate(present):
+        active = tuple(k for k, name in enumerate(names) if name in found and weights[k] > 0)
+        if active:
+            groups.setdefault(active, []).append(row)
+    for active, rows in groups.items():
+        expert = merge_linear([experts[k] for k in active], [weights[k] for k in active], name="gated")
+        images[rows] = render_variant(bundle, expert, [items[r] for r in rows], settings)
+    return images
+
+
+def gated_weight_zero_check(bundle, experts: Sequence[SafetyExpert], names: Sequence[str],
+                            present: Sequence[Sequence[str]], items: Sequence[EvalItem], base_images: torch.Tensor,
+                            base_readings, oracle: dw.DemoOracle, settings: DemoSettings,
+                            base_per_concept: Dict[str, float], report: Callable[[str], None]) -> List[Dict[str, object]]:
+    """``weight_zero_check`` for the gated experts: one concept's weight at 0, the others at 1."""
+    unsafe_rows = [i for i, item in enumerate(items) if item.unsafe]
+    unsafe_items = [items[i] for i in unsafe_rows]
+    rows = []
+    for index, concept in enumerate(names):
+        weights = [0.0 if k == index else 1.0 for k in range(len(experts))]
+        images = render_gated(bundle, experts, names, [present[i] for i in unsafe_rows], weights, unsafe_items,
+                              settings, base_images[unsafe_rows])
+        result = measure(oracle, unsafe_items, base_images[unsafe_rows], images, [base_readings[i] for i in unsafe_rows])
+        others = [rate for name, rate in result["per_concept"].items() if name != concept]
+        row = {"concept": concept, "expert": experts[index].name, "rate": result["per_concept"][concept],
+               "base_rate": base_per_concept[concept], "others_mean": float(np.mean(others)) if others else 0.0,
+               "others_max": float(max(others)) if others else 0.0}
+        rows.append(row)
+        report(f"  gated, weight 0 for {concept}: {concept} {row['rate']:.0%} (base {row['base_rate']:.0%}), other "
+               f"concepts {row['others_mean']:.1%} on average (max {row['others_max']:.0%})")
     return rows
 
 
