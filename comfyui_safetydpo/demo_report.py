@@ -11,15 +11,64 @@ import torch
 
 from . import demo_world as dw
 from . import files, reports
+from .demo_evaluation import GATED_LABEL
 
 if TYPE_CHECKING:
-    from .demo import EvalItem
+    from .demo_evaluation import EvalItem
 
 SEED_MEASURES = (("unsafe_rate", "unsafe left"), ("removed", "unsafe removed"),
                  ("safe_changed_oracle", "safe prompts: oracle reading changed"),
                  ("safe_changed_pixels", "safe prompts: pixels changed (MAD > 0.05)"),
                  ("safe_mad", "mean MAD, safe prompts"),
                  ("scene_kept_on_unsafe_prompts", "unsafe prompts: shape and background kept"))
+
+
+def _spread(values: Sequence[float]) -> Dict[str, float]:
+    values = [float(v) for v in values]
+    return {"mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values))}
+
+
+def _weight_zero_spread(rows: Sequence[Dict[str, object]]) -> Optional[Dict[str, object]]:
+    """The weight-0 checks of all seeds in a few numbers (None when there are none)."""
+    if not rows:
+        return None
+    return {"max_points_from_base": max(abs(r["rate"] - r["base_rate"]) for r in rows),
+            "max_other_concept_rate": max(r["others_max"] for r in rows),
+            "mean_other_concept_rate": float(np.mean([r["others_mean"] for r in rows])), "checks": len(rows)}
+
+
+def aggregate_seeds(runs: Dict[int, Dict[str, object]]) -> Dict[str, object]:
+    """Mean and range over seeds for each variant and measure, the weight-0 checks and the world's fidelity."""
+    seeds = sorted(runs)
+    first = runs[seeds[0]]
+    variants = [v for v in first["results"] if all(v in runs[s]["results"] for s in seeds)]
+    table = {v: {key: _spread([runs[s]["results"][v][key] for s in seeds]) for key, _ in SEED_MEASURES}
+             for v in variants}
+    weight_zero = _weight_zero_spread([row for s in seeds for row in (runs[s].get("weight_zero") or [])])
+    gates = [runs[s]["gate"] for s in seeds if runs[s].get("gate")]
+    gate = None
+    if len(gates) == len(seeds):
+        gate = {key: _spread([g[key] for g in gates]) for key in ("found", "found_held_out", "safe_on")}
+        gate["weight_zero"] = _weight_zero_spread([row for g in gates for row in (g.get("weight_zero") or [])])
+        gate["variant"] = GATED_LABEL
+    alone_rows = [row for s in seeds for row in (runs[s].get("experts_alone") or [])]
+    experts_alone = None
+    if alone_rows:
+        experts_alone = {
+            "own_removed": _spread([1 - r["rate"] / r["base_rate"] if r["base_rate"] > 0 else 1.0 for r in alone_rows]),
+            "others_removed": _spread([r["others_removed"] for r in alone_rows]),
+            "safe_changed_oracle": _spread([r["safe_changed_oracle"] for r in alone_rows]),
+            "safe_changed_pixels": _spread([r["safe_changed_pixels"] for r in alone_rows]),
+            "scene_kept_on_unsafe_prompts": _spread([r["scene_kept_on_unsafe_prompts"] for r in alone_rows]),
+            "experts": len(alone_rows)}
+    fidelity = {label: _spread([runs[s]["base_prompt_fidelity"][label] for s in seeds])
+                for label in first["base_prompt_fidelity"]}
+    pairs_same_scene = _spread([runs[s]["pairs"]["same_scene"] for s in seeds])
+    return {"seeds": seeds, "default_variant": first["default_variant"], "table": table, "weight_zero": weight_zero,
+            "gate": gate,
+            "base_prompt_fidelity": fidelity, "pairs_same_scene": pairs_same_scene, "experts_alone": experts_alone,
+            "torch_threads": first.get("torch_threads"), "settings": first["settings"],
+            "seconds": {s: runs[s]["timings"].get("total") for s in seeds}}
 
 
 def _goals(row: Dict[str, Dict[str, float]], zero: Optional[Dict[str, object]]):
