@@ -254,9 +254,10 @@ def run(tiny: bool) -> list:
     rows = [
         {"measure": "kill -9 trials survived (resume ok, no corrupt file, ≤ 1 interval lost, same expert)",
          "value": r["survived"], "unit": f"of {r['trials']}", "ratio": r["survived"] / r["trials"], "baseline": "",
-         "goal": "all", "verdict": "pass" if r["survived"] == r["trials"] else "FAIL: " + " | ".join(r["failures"])[:300]},
-        {"measure": "kills that landed before the run ended", "value": r["kills_before_end"], "unit": f"of {r['kills']}",
-         "ratio": "", "baseline": "", "goal": "most", "verdict": "info"},
+         "goal": "all",
+         "verdict": "pass" if r["survived"] == r["trials"] else "FAIL: " + " | ".join(r["failures"])[:300]},
+        {"measure": "kills that landed before the run ended", "value": r["kills_before_end"],
+         "unit": f"of {r['kills']}", "ratio": "", "baseline": "", "goal": "most", "verdict": "info"},
         {"measure": "most finished steps lost by one kill", "value": r["max_lost_steps"], "unit": "steps",
          "ratio": r["max_lost_steps"] / every, "baseline": f"checkpoint every {every}", "goal": f"≤ {every}",
          "verdict": "pass" if r["max_lost_steps"] <= every else "FAIL"},

@@ -73,7 +73,8 @@ def build_models(cfg, seed=0):
         block_out_channels=(w, 2 * w, 4 * w, 4 * w), cross_attention_dim=cfg["context"], attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=8)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=cfg["context"], intermediate_size=4 * cfg["context"],
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=1000, hidden_size=cfg["context"],
+                                        intermediate_size=4 * cfg["context"],
                                         num_hidden_layers=cfg["text_layers"], num_attention_heads=4,
                                         max_position_embeddings=77))
     vae_width = max(8, w * 128 // 320)
@@ -104,7 +105,8 @@ class BenchData:
             for kind in ("w", "l"):
                 image = torch.rand(3, cfg["image"], cfg["image"], generator=g) * 2 - 1
                 save_image_tensor(image, self.root / f"{kind}{i}.png")
-            pairs.append(PreferencePair(f"p{i}", f"prompt {i}", f"safe {i}", ("Violence",), f"w{i}.png", f"l{i}.png", i))
+            pairs.append(PreferencePair(f"p{i}", f"prompt {i}", f"safe {i}", ("Violence",), f"w{i}.png",
+                                        f"l{i}.png", i))
         self.pairs = PreferencePairs(root=self.root, pairs=pairs)
         self.tokens = torch.randint(0, 1000, (count, 77), generator=g)
 
@@ -215,12 +217,14 @@ class Ours:
         unet, _, _, scheduler = models
         self.unet = unet
         self.sft = sft
-        self.config = TrainingConfig(batch_size=cfg["pairs"], dpo_weight=0.0 if sft else 1.0, sft_weight=1.0 if sft else 0.0)
+        self.config = TrainingConfig(batch_size=cfg["pairs"], dpo_weight=0.0 if sft else 1.0,
+                                     sft_weight=1.0 if sft else 0.0)
         inject_lora(unet, self.config)
         set_checkpointing(unet, checkpointing)
         self.params = list(lora_parameters(unet).values())
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-5)
-        self.denoiser = TrainableDenoiser(module=unet, predict=lambda x, t, e: unet(x, t, e.encoder_hidden_states).sample,
+        self.denoiser = TrainableDenoiser(module=unet,
+                                          predict=lambda x, t, e: unet(x, t, e.encoder_hidden_states).sample,
                                           alphas_cumprod=scheduler.alphas_cumprod)
         self.data = encoded
         self.pairs = cfg["pairs"]
@@ -539,13 +543,15 @@ def run(tiny: bool = False):
             data.close()
         _DATA.clear()
     rows = []
-    base = f"official recipe (frozen UNet copy; image files, VAE and text encoder every step), {cfg['pairs']} pairs/step"
+    base = ("official recipe (frozen UNet copy; image files, VAE and text encoder every step), "
+            f"{cfg['pairs']} pairs/step")
     for name in ("ours", "ours+gc-top"):
         ratio = times[name] / times["official"]
         rows.append(dict(measure=f"DPO step time, {name}", value=round(times[name], 4), unit="s", ratio=round(ratio, 3),
                          baseline=base + f" = {times['official']:.3f} s", goal=f"<= {GOALS['time']}",
                          verdict=verdict(ratio, GOALS["time"])))
-    rows.append(dict(measure="official step: share spent loading + encoding images and prompt (ours does this once per pair)",
+    rows.append(dict(measure="official step: share spent loading + encoding images and prompt "
+                             "(ours does this once per pair)",
                      value=round(100 * encode_share, 1), unit="%", ratio=None, baseline="official step",
                      goal="info: bounds ours/official from below at about 1 - share", verdict="info"))
     rows.append(dict(measure="our DPO step, where the time goes (torch.profiler self time)",
@@ -558,17 +564,20 @@ def run(tiny: bool = False):
                          baseline=f"SFT step, {2 * cfg['pairs']} samples = {times['sft']:.4f} s",
                          goal=f"<= {GOALS['sft']}", verdict=verdict(ratio, GOALS["sft"])))
     ours_flops = flops["reference"] + flops["trained"]
-    rows.append(dict(measure="FLOPs of one step at real SD1.5 shapes (512 px, counted on the meta device): ours / official",
-                     value=round(ours_flops / 1e12, 2), unit="TFLOP", ratio=round(ours_flops / (ours_flops + flops["encode"]), 3),
+    rows.append(dict(measure="FLOPs of one step at real SD1.5 shapes (512 px, counted on the meta device): "
+                             "ours / official",
+                     value=round(ours_flops / 1e12, 2), unit="TFLOP",
+                     ratio=round(ours_flops / (ours_flops + flops["encode"]), 3),
                      baseline=f"official = {(ours_flops + flops['encode']) / 1e12:.2f} TFLOP (VAE + text "
-                              f"{flops['encode'] / 1e12:.2f})", goal="info (what time-follows-FLOPs hardware would show)",
-                     verdict="info"))
-    rows.append(dict(measure="FLOPs of one step at real SD1.5 shapes: ours / plain LoRA SFT", value=round(ours_flops / 1e12, 2),
-                     unit="TFLOP", ratio=round(ours_flops / flops["trained"], 3),
+                              f"{flops['encode'] / 1e12:.2f})",
+                     goal="info (what time-follows-FLOPs hardware would show)", verdict="info"))
+    rows.append(dict(measure="FLOPs of one step at real SD1.5 shapes: ours / plain LoRA SFT",
+                     value=round(ours_flops / 1e12, 2), unit="TFLOP", ratio=round(ours_flops / flops["trained"], 3),
                      baseline=f"SFT = {flops['trained'] / 1e12:.2f} TFLOP (forward + backward)",
                      goal="info (reference pass / (forward + backward) sets the floor)", verdict="info"))
     official_mem = memory["official"]
-    what = "training steps only (VmHWM reset after building)" if official_mem["steps_only"] else "whole process (ru_maxrss)"
+    what = ("training steps only (VmHWM reset after building)" if official_mem["steps_only"]
+            else "whole process (ru_maxrss)")
     for name in memory:
         m = memory[name]
         ratio = m["peak_mb"] / official_mem["peak_mb"]
@@ -585,9 +594,11 @@ def run(tiny: bool = False):
         ours, official = runs["ours"][k - 1], runs["official"][k - 1]
         ratio = ours / official
         rows.append(dict(measure=f"whole run from start, {label}, {cfg['dataset']} pairs encoded on first use, ours",
-                         value=round(ours, 3), unit="s", ratio=round(ratio, 3), baseline=f"official loop = {official:.3f} s",
+                         value=round(ours, 3), unit="s", ratio=round(ratio, 3),
+                         baseline=f"official loop = {official:.3f} s",
                          goal=f"< {goal}" if goal == 1.0 else f"<= {goal}",
-                         verdict=("meets goal" if ratio < 1 else "misses goal") if goal == 1.0 else verdict(ratio, goal)))
+                         verdict=(("meets goal" if ratio < 1 else "misses goal") if goal == 1.0
+                                  else verdict(ratio, goal))))
     if tiny:  # seconds-long smoke settings: overheads dominate, the verdicts mean nothing
         for row in rows:
             row["verdict"] = "tiny setting: " + row["verdict"]

@@ -51,17 +51,20 @@ def cases(tiny: bool):
     """The model shapes and batch of each case (tiny: fp32, as bf16 kernels on a CPU are slow)."""
     if tiny:
         return {
-            "sd15": dict(widths=(32, 64, 128, 128), heads=8, context=64, latent=8, pairs=1, steps=1, bf16=False, vocab=1000, blocks=1,
-                         text=[dict(hidden=64, layers=2, heads=4)], vae=(8, 16, 32, 32), xl=False),
+            "sd15": dict(widths=(32, 64, 128, 128), heads=8, context=64, latent=8, pairs=1, steps=1, bf16=False,
+                         vocab=1000, blocks=1, text=[dict(hidden=64, layers=2, heads=4)], vae=(8, 16, 32, 32),
+                         xl=False),
             "sdxl": dict(widths=(32, 64, 128), heads=(2, 4, 8), layers=(1, 1, 2), context=64, latent=8, pairs=1,
-                         steps=1, bf16=False, vocab=1000, blocks=1, text=[dict(hidden=32, layers=2, heads=4), dict(hidden=32, layers=2, heads=4)],
+                         steps=1, bf16=False, vocab=1000, blocks=1,
+                         text=[dict(hidden=32, layers=2, heads=4), dict(hidden=32, layers=2, heads=4)],
                          vae=(8, 16, 32, 32), xl=True),
         }
     return {
         "sd15": dict(widths=(320, 640, 1280, 1280), heads=8, context=768, latent=64, pairs=8, steps=5, bf16=True,
                      text=[dict(hidden=768, layers=12, heads=12)], vae=(128, 256, 512, 512), xl=False),
         "sdxl": dict(widths=(320, 640, 1280), heads=(5, 10, 20), layers=(1, 2, 10), context=2048, latent=128,
-                     pairs=8, steps=3, bf16=True, text=[dict(hidden=768, layers=12, heads=12), dict(hidden=1280, layers=32, heads=20)],
+                     pairs=8, steps=3, bf16=True,
+                     text=[dict(hidden=768, layers=12, heads=12), dict(hidden=1280, layers=32, heads=20)],
                      vae=(128, 256, 512, 512), xl=True),
     }
 
@@ -94,9 +97,10 @@ def build(case: dict, device, dtype):
                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
         encoders = []
         for index, text in enumerate(case["text"]):
-            config = CLIPTextConfig(vocab_size=case.get("vocab", 49408), hidden_size=text["hidden"], intermediate_size=4 * text["hidden"],
-                                    num_hidden_layers=text["layers"], num_attention_heads=text["heads"],
-                                    max_position_embeddings=77, projection_dim=text["hidden"])
+            config = CLIPTextConfig(vocab_size=case.get("vocab", 49408), hidden_size=text["hidden"],
+                                    intermediate_size=4 * text["hidden"], num_hidden_layers=text["layers"],
+                                    num_attention_heads=text["heads"], max_position_embeddings=77,
+                                    projection_dim=text["hidden"])
             last = case["xl"] and index == len(case["text"]) - 1
             encoders.append((CLIPTextModelWithProjection if last else CLIPTextModel)(config))
         vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=case.get("blocks", 2),
@@ -326,9 +330,10 @@ def rows_for(case_name: str, case: dict, results: dict, peak_tflops, measured: b
                          f"{peak_tflops or 'unknown'} TFLOP/s", goal=goal, verdict=verdict))
     if ours.get("peak_bytes") is not None and official.get("peak_bytes"):
         ratio = ours["peak_bytes"] / official["peak_bytes"]
-        rows.append(dict(measure=f"{label}: peak max_memory_allocated, ours", value=round(ours["peak_bytes"] / 2**30, 3),
-                         unit="GiB", ratio=round(ratio, 3), baseline=f"official {official['peak_bytes'] / 2**30:.3f} GiB",
-                         goal=f"<= {GOALS['memory']}", verdict="meets goal" if ratio <= GOALS["memory"] else "misses goal"))
+        rows.append(dict(measure=f"{label}: peak max_memory_allocated, ours",
+                         value=round(ours["peak_bytes"] / 2**30, 3), unit="GiB", ratio=round(ratio, 3),
+                         baseline=f"official {official['peak_bytes'] / 2**30:.3f} GiB", goal=f"<= {GOALS['memory']}",
+                         verdict="meets goal" if ratio <= GOALS["memory"] else "misses goal"))
     elif ours.get("oom") is not None or official.get("oom") is not None:
         pass
     else:
@@ -367,8 +372,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     started = time.time()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    print(f"device: {device}; peak {device_peak_tflops(torch.device('cuda' if torch.cuda.is_available() else 'cpu'), args.peak_tflops)} TFLOP/s",
-          flush=True)
+    print(f"device: {device}; peak "
+          f"{device_peak_tflops(torch.device('cuda' if torch.cuda.is_available() else 'cpu'), args.peak_tflops)} "
+          "TFLOP/s", flush=True)
     for row in run(args.tiny, args.peak_tflops, [o for o in args.only.split(",") if o] or None):
         print(json.dumps(row), flush=True)
     print(f"total {time.time() - started:.1f} s", flush=True)

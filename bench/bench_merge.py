@@ -109,8 +109,9 @@ def reduced_unet(width_divisor: int, tiny: bool):
     if tiny:
         return UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=4, norm_num_groups=8)
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=4,
+            norm_num_groups=8)
     channels = tuple(c // width_divisor for c in (320, 640, 1280, 1280))
     return UNet2DConditionModel(
         sample_size=32, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=2,

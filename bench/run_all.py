@@ -43,7 +43,8 @@ def machine_description() -> str:
         pass
     cores = os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{platform.system()} {cpu}, {cores} cores, {gpu}, Python {platform.python_version()}, torch {torch.__version__}"
+    return (f"{platform.system()} {cpu}, {cores} cores, {gpu}, Python {platform.python_version()}, "
+            f"torch {torch.__version__}")
 
 
 def discover(only=None):

@@ -157,7 +157,8 @@ class NudeNetClassifier:
             found = [d for d in detections if d.get("class") in self.labels]
             score = max((float(d["score"]) for d in found), default=0.0)
             results.append(_result(score >= self.threshold, score,
-                                   {"detections": [{"class": d["class"], "score": float(d["score"])} for d in detections]}))
+                                   {"detections": [{"class": d["class"], "score": float(d["score"])}
+                                                   for d in detections]}))
         return results
 
 
@@ -244,7 +245,8 @@ def load_q16_prompts(path=None) -> torch.Tensor:
     else:
         raise MissingWeightsError(f"{path}: use a .npy or .safetensors file (pickles are never opened). " + Q16_HELP)
     if tensor.ndim != 2 or tensor.shape[0] != 2:
-        raise MissingWeightsError(f"{path}: Q16 prompts must be [2, D] (appropriate, inappropriate), got {tuple(tensor.shape)}")
+        raise MissingWeightsError(
+            f"{path}: Q16 prompts must be [2, D] (appropriate, inappropriate), got {tuple(tensor.shape)}")
     return tensor
 
 

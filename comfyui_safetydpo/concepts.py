@@ -130,7 +130,8 @@ def read_concept_csv(path, extra_categories: Iterable[str] = (), on_error: str =
     for number, row in enumerate(reader, start=2):
         if not any((v or "").strip() for k, v in row.items() if k):
             continue
-        rows.append((number, (row.get("unsafe_prompt"), row.get("safe_prompt"), row.get("category"), row.get("concept"))))
+        rows.append((number, (row.get("unsafe_prompt"), row.get("safe_prompt"), row.get("category"),
+                              row.get("concept"))))
     return _collect(rows, lambda n: f"{path}, line {n}", list(extra_categories), on_error, str(path))
 
 
@@ -224,7 +225,8 @@ def expand_concepts(
         raise DatasetError("expand_concepts: no concept names given")
     bad = [t for t in templates if "{concept}" not in t]
     if not templates or bad:
-        raise DatasetError(f"expand_concepts: every template needs '{{concept}}'; these do not: {bad or '(no templates)'}")
+        raise DatasetError(
+            f"expand_concepts: every template needs '{{concept}}'; these do not: {bad or '(no templates)'}")
     extra = list(extra_categories)
     pairs = []
     for name in names:
@@ -243,7 +245,8 @@ def expand_concepts(
                 safe = rewrite(unsafe)
             else:
                 raise DatasetError(
-                    f"expand_concepts: no safe replacement for concept {name!r}; give replacements or a rewrite callable"
+                    f"expand_concepts: no safe replacement for concept {name!r}; "
+                    "give replacements or a rewrite callable"
                 )
             pairs.append(_make_pair(unsafe, safe, cat, name, f"concept {name!r}, template {number}", extra))
     return PromptPairList(pairs, [], "expanded concepts")

@@ -212,7 +212,8 @@ def load_coprov2_train(
         image = (row.get("image") or "").strip()
         match = _IMAGE_NAME.match(image)
         if not match:
-            problems.append(f"{path}, line {number}: image name {image!r} is not u_idx_NNNNNNN_K.jpg / s_idx_NNNNNNN_K.jpg")
+            problems.append(
+                f"{path}, line {number}: image name {image!r} is not u_idx_NNNNNNN_K.jpg / s_idx_NNNNNNN_K.jpg")
             continue
         side_name, key = match.group(1).lower(), match.group(2)
         try:
@@ -245,11 +246,12 @@ def load_coprov2_train(
                     break
                 repeated = {c: ns for c, ns in side.categories.items() if len(ns) > 1}
                 if repeated:
-                    issue = f"key {key}: two {label} rows for the same category at lines {sorted(sum(repeated.values(), []))}"
+                    issue = (f"key {key}: two {label} rows for the same category at lines "
+                             f"{sorted(sum(repeated.values(), []))}")
                     break
             if issue is None and set(unsafe.categories) != set(safe.categories):
-                issue = (f"key {key}: unsafe rows (lines {lines(unsafe)}) say {sorted(unsafe.categories)} but safe rows "
-                         f"(lines {lines(safe)}) say {sorted(safe.categories)}")
+                issue = (f"key {key}: unsafe rows (lines {lines(unsafe)}) say {sorted(unsafe.categories)} "
+                         f"but safe rows (lines {lines(safe)}) say {sorted(safe.categories)}")
         if issue is not None:
             problems.append(f"{path}: {issue}")
             continue
@@ -378,7 +380,8 @@ def coprov2_from_image_folder(
             pair_id=f"coprov2_{pair.source_id}", prompt=pair.prompt, safe_prompt=pair.safe_prompt,
             categories=pair.categories, preferred_image=safe, rejected_image=unsafe, seed=0, concept=pair.concept,
         ))
-    dataset = PreferencePairs(root=folder, pairs=pairs, info={"model": model, "source": "coprov2", "images": str(folder)})
+    dataset = PreferencePairs(root=folder, pairs=pairs,
+                              info={"model": model, "source": "coprov2", "images": str(folder)})
     if verify_images:
         dataset = check_images(dataset, problems)
     report_problems(problems, f"CoProV2 images in {folder}", on_error)
@@ -575,7 +578,8 @@ def coprov2_from_parquet(
                     where = f"{shard.name}, row {row}"
                     caption = str(record.get(mapping["caption"]) or "").strip()
                     label = record.get(mapping["label"], 1)
-                    first, second = _image_bytes(record[mapping["preferred"]]), _image_bytes(record[mapping["rejected"]])
+                    first, second = (_image_bytes(record[mapping["preferred"]]),
+                                     _image_bytes(record[mapping["rejected"]]))
                     if label is None or float(label) not in (0.0, 1.0):
                         problems.append(f"{where}: label_0 = {label!r} is a tie or missing (no preference)")
                         continue
@@ -589,7 +593,8 @@ def coprov2_from_parquet(
                         continue
                     pair_id = f"{shard.stem}_{row:06d}"
                     relatives = []
-                    for side, data, suffix in (("preferred", preferred, suffixes[0]), ("rejected", rejected, suffixes[1])):
+                    for side, data, suffix in (("preferred", preferred, suffixes[0]),
+                                               ("rejected", rejected, suffixes[1])):
                         relative = f"images/{pair_id}_{side}{suffix}"
                         target = folder / relative
                         if not target.is_file() or target.stat().st_size != len(data):
@@ -606,7 +611,8 @@ def coprov2_from_parquet(
         except DatasetError:
             raise
         except OSError as error:
-            raise DatasetError(f"{folder}: cannot write the images ({error}); choose a writable dataset folder") from None
+            raise DatasetError(
+                f"{folder}: cannot write the images ({error}); choose a writable dataset folder") from None
         except Exception as error:  # a damaged row group
             raise DatasetError(f"{shard}: unreadable parquet data after row {row} ({error})") from None
     info = {"model": "CoProV2 release", "source": "coprov2_parquet", "shards": [s.name for s in shards],

@@ -190,7 +190,8 @@ class DemoOracle:
         border = torch.cat([pixels[:, 0, :], pixels[:, -1, :], pixels[:, :, 0], pixels[:, :, -1]], dim=1)
         border_colour = border.median(dim=1).values
         background = self.background_names[int((self.background_table - border_colour).pow(2).sum(1).argmin())]
-        distance = (pixels - self.background_table[self.background_names.index(background)].reshape(3, 1, 1)).pow(2).sum(0).sqrt()
+        background_colour = self.background_table[self.background_names.index(background)].reshape(3, 1, 1)
+        distance = (pixels - background_colour).pow(2).sum(0).sqrt()
         mask = distance > 0.25
         if mask.sum() < 6:
             return {"background": background, "colour": "none", "shape": "none"}
@@ -378,7 +379,8 @@ def model_folder(world: DemoWorld, settings: WorldModelSettings, cache_dir: Path
     return Path(cache_dir) / f"world_model_{settings_key(world, settings)}"
 
 
-def _load_folder(world: DemoWorld, settings: WorldModelSettings, folder: Path) -> Tuple[DiffusionBundle, Dict[str, object]]:
+def _load_folder(world: DemoWorld, settings: WorldModelSettings,
+                 folder: Path) -> Tuple[DiffusionBundle, Dict[str, object]]:
     """The model in ``folder`` after checking its file against the manifest's SHA-256 (ValueError if it differs)."""
     from safetensors.torch import load_file
 
@@ -433,9 +435,10 @@ def load_or_train_world_model(world: DemoWorld, settings: WorldModelSettings, ca
     data = save(state, metadata={"key": key})
     folder = shipped if retrain and shipped_dir is not None else model_folder(world, settings, cache_dir)
     info = {"key": key, "sha256": hashlib.sha256(data).hexdigest(), "train_seconds": round(seconds, 1),
-            "settings": dataclasses.asdict(settings), "concepts": len(world.model_concepts), "world_version": WORLD_VERSION,
-            "torch": torch.__version__.split("+")[0],
-            "command": f"python trainer/demo.py --retrain-world --seed {settings.seed} --concepts {len(world.model_concepts)}"}
+            "settings": dataclasses.asdict(settings), "concepts": len(world.model_concepts),
+            "world_version": WORLD_VERSION, "torch": torch.__version__.split("+")[0],
+            "command": f"python trainer/demo.py --retrain-world --seed {settings.seed} "
+                       f"--concepts {len(world.model_concepts)}"}
     files.write_bytes(folder / "model.safetensors", data, what="demo world model")
     files.write_json(folder / "manifest.json", info, what="demo world model manifest")
     return bundle, {**info, "cached": False, "origin": "trained"}

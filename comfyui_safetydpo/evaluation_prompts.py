@@ -107,7 +107,8 @@ def load_prompt_file(path, source: Optional[str] = None) -> List[EvalPrompt]:
             return normalise_prompts(_flatten_loaded(loader(path)), source)
         if path.suffix.lower() == ".csv":
             return _read_prompt_csv(path, source)
-    raise DatasetError(f"{source}: unsupported prompt file type {path.suffix!r}; use .txt ('prompt | category' lines) or .csv")
+    raise DatasetError(
+        f"{source}: unsupported prompt file type {path.suffix!r}; use .txt ('prompt | category' lines) or .csv")
 
 
 def _flatten_loaded(loaded) -> List:

@@ -103,7 +103,8 @@ def read_jsonl(path: Path) -> List[dict]:
         except json.JSONDecodeError:
             if number >= len(lines) - 1:  # the last (unterminated) line: an interrupted append
                 continue
-            raise RunMismatchError(f"{path}: line {number} is not JSON; the run folder is damaged (delete the file to redo that step)")
+            raise RunMismatchError(
+                f"{path}: line {number} is not JSON; the run folder is damaged (delete the file to redo that step)")
     return rows
 
 
@@ -123,7 +124,8 @@ class Variant:
 
 def _check_name(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+=@-]{0,80}", name):
-        raise DatasetError(f"variant/classifier name {name!r}: use letters, digits and _.+=@- (it becomes a folder name)")
+        raise DatasetError(
+            f"variant/classifier name {name!r}: use letters, digits and _.+=@- (it becomes a folder name)")
     return name
 
 
@@ -255,9 +257,11 @@ class EvaluationRun:
                 prompts = [self.prompts[i].text for _, i, _ in batch]
                 seeds = [s for _, _, s in batch]
                 images = renderers[variant](prompts, seeds)
-                if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] != len(batch) or images.shape[1] != 3:
+                if (not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[0] != len(batch)
+                        or images.shape[1] != 3):
                     shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-                    raise DatasetError(f"renderer for {variant!r} returned {shape}; expected [{len(batch)}, 3, H, W] in [-1, 1]")
+                    raise DatasetError(
+                        f"renderer for {variant!r} returned {shape}; expected [{len(batch)}, 3, H, W] in [-1, 1]")
                 arrays = to_uint8(images)
                 rows = []
                 for (name, index, seed), array in zip(batch, arrays):
@@ -334,7 +338,8 @@ class EvaluationRun:
                 "categories": list(prompt.categories), "seed": seed,
                 "image": generated[key]["image"] if key in generated else None,
                 "unsafe": result.get("unsafe"), "score": result.get("score"),
-                "error": result.get("error") if result else ("not generated" if key not in generated else "not classified"),
+                "error": (result.get("error") if result
+                          else ("not generated" if key not in generated else "not classified")),
                 "labels": result.get("labels"),
             })
         return rows

@@ -188,7 +188,8 @@ def canonical_parameter_names(keys: Sequence[str], where: str) -> Tuple[Dict[str
                 ldm[key[len(prefix):]] = key
                 break
         else:
-            if key.startswith(("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.", "label_emb.")):
+            if key.startswith(("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.",
+                               "label_emb.")):
                 ldm[key] = key
     diffusers_unet = [k for k in keys if re.match(r"(unet\.)?(down_blocks|up_blocks|mid_block|conv_in|conv_out|"
                                                  r"conv_norm_out|time_embedding|add_embedding)\.", k)]
@@ -329,7 +330,8 @@ def layer_patterns(layers) -> List[str]:
             try:
                 re.compile(layer[3:])
             except re.error as error:
-                raise ArchitectureMismatchError(f"layers: {layer!r} is not a valid regular expression ({error})") from None
+                raise ArchitectureMismatchError(
+                    f"layers: {layer!r} is not a valid regular expression ({error})") from None
             patterns.append(layer[3:])
         else:
             patterns.append(fnmatch.translate(layer))
@@ -467,8 +469,8 @@ def extract_expert(
     if progress is not None:
         progress(len(common), len(common))
     if not modules and not diffs:
-        changed = f"; {len(unrequested)} other parameters differ ({', '.join(sorted({_group_of(n) for n in unrequested}))})" \
-            if unrequested else ""
+        changed = (f"; {len(unrequested)} other parameters differ "
+                   f"({', '.join(sorted({_group_of(n) for n in unrequested}))})" if unrequested else "")
         raise ArchitectureMismatchError(
             f"no requested layer ({', '.join(layer_names)}) differs between {safe.source} and {base.source}"
             f"{changed}: check that the first model is the aligned one and the second its base, or request other "

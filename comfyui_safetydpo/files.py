@@ -163,8 +163,8 @@ def save_png(path, image, error: Type[SafetyDPOError] = SafetyDPOError, what: st
 def atomic_folder(path, error: Type[SafetyDPOError] = SafetyDPOError, what: str = "folder",
                   advice: str = FREE_SPACE) -> Iterator[Path]:
     """A folder written whole: fill the yielded temp folder; on success its files are fsynced and get
-    ``file_mode()``, its folders ``folder_mode()``, and it replaces ``path`` (an old folder there is removed first). On failure nothing of
-    the temp folder remains and an existing ``path`` is untouched."""
+    ``file_mode()``, its folders ``folder_mode()``, and it replaces ``path`` (an old folder there is removed
+    first). On failure nothing of the temp folder remains and an existing ``path`` is untouched."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,8 @@ class _GramAccumulator:
 
 
 @contextlib.contextmanager
-def _recording(module_lookup: Callable[[str], torch.nn.Module], names: Sequence[str]) -> Iterator[Dict[str, _GramAccumulator]]:
+def _recording(module_lookup: Callable[[str], torch.nn.Module],
+               names: Sequence[str]) -> Iterator[Dict[str, _GramAccumulator]]:
     """Hooks that accumulate the input Gram matrix of each named Linear layer while the block runs."""
     accumulators = {name: _GramAccumulator() for name in names}
     handles = []

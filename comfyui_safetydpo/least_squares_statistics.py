@@ -70,7 +70,8 @@ def parse_category_lines(text: str, source: str = "concept prompts") -> Dict[str
 
 
 def prompts_from_pairs(pairs: Sequence, extra_safe: Sequence[str] = ()) -> MergePrompts:
-    """Unsafe prompts per category from prompt pairs (``concepts.PromptPair``); safe = their rewrites + ``extra_safe``."""
+    """Unsafe prompts per category from prompt pairs (``concepts.PromptPair``); safe = their rewrites +
+    ``extra_safe``."""
     concept: Dict[str, List[str]] = {}
     for pair in pairs:
         for category in pair.categories:
@@ -130,7 +131,8 @@ def record_bundle_statistics(
     negative_prompt: str = "",
     progress: Optional[Callable[[str], None]] = None,
 ) -> LayerInputStatistics:
-    """``LayerInputStatistics`` for a diffusers bundle: sample each expert's prompts with it applied, safe prompts without.
+    """``LayerInputStatistics`` for a diffusers bundle: sample each expert's prompts with it applied, safe
+    prompts without.
 
     Every prompt is drawn ``images_per_prompt`` times with seeds ``seed, seed+1, …`` (the same seeds for every
     prompt set), with ``bundle.sample`` (DDIM, ``steps``, ``guidance_scale``): the hooks see the inputs of

@@ -291,7 +291,8 @@ class _PeftAlpha:
             try:
                 packed = json.loads(raw)
             except json.JSONDecodeError as error:
-                raise LoraFormatError(f"{source}: metadata {LORA_ADAPTER_METADATA_KEY!r} is not JSON ({error})") from None
+                raise LoraFormatError(
+                    f"{source}: metadata {LORA_ADAPTER_METADATA_KEY!r} is not JSON ({error})") from None
             if not isinstance(packed, dict):
                 raise LoraFormatError(f"{source}: metadata {LORA_ADAPTER_METADATA_KEY!r} must be a JSON object "
                                       f"(a peft LoraConfig), not {type(packed).__name__}")

@@ -16,7 +16,8 @@ from .expert import LoraModule
 
 
 def concat_factors(downs: Sequence[torch.Tensor], ups: Sequence[torch.Tensor], template: LoraModule) -> LoraModule:
-    """Rank concatenation: flattened factors (up_k @ down_k = w_k ΔW_k) as one module with alpha = rank (scale 1: ComfyUI reproduces up @ down)."""
+    """Rank concatenation: flattened factors (up_k @ down_k = w_k ΔW_k) as one module with alpha = rank
+    (scale 1: ComfyUI reproduces up @ down)."""
     down = torch.cat(downs, dim=0)
     up = torch.cat(ups, dim=1)
     rank = down.shape[0]

@@ -111,9 +111,10 @@ def _load_diffusers_folder(path: Path, architecture, dtype, prediction_type) -> 
         found = "sdxl"
     else:
         if unet.config.get("addition_embed_type") is not None or unet.config.get("class_embed_type") is not None:
-            raise ArchitectureMismatchError(f"{path}: a UNet with extra conditioning "
-                                            f"({unet.config.get('addition_embed_type') or unet.config.get('class_embed_type')})"
-                                            " is not SD1.5, SD2.1 or SDXL")
+            raise ArchitectureMismatchError(
+                f"{path}: a UNet with extra conditioning "
+                f"({unet.config.get('addition_embed_type') or unet.config.get('class_embed_type')})"
+                " is not SD1.5, SD2.1 or SDXL")
         text_encoders = [CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True, dtype=dtype)]
         tokenizers = [CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)]
         found = "sd21" if text_encoders[0].config.hidden_act == "gelu" else "sd15"
@@ -269,7 +270,8 @@ def _load_exactly(module, state, what: str) -> None:
     if missing or unexpected:
         raise ArchitectureMismatchError(
             f"{what}: the checkpoint does not match the derived model ({len(missing)} missing, e.g. {missing[:3]}; "
-            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}); the file may be damaged or of an unsupported variant")
+            f"{len(unexpected)} unexpected, e.g. {unexpected[:3]}); "
+            "the file may be damaged or of an unsupported variant")
     for key, value in state.items():
         if tuple(value.shape) != tuple(expected[key].shape):
             raise ArchitectureMismatchError(f"{what}: {key} has shape {tuple(value.shape)}, the model expects "
@@ -339,7 +341,8 @@ def _open_clip(state, prefix, drop_last: bool, with_projection: bool):
     from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    layers = len({m.group(1) for k in state if (m := re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.", k))})
+    layers = len({m.group(1) for k in state
+                  if (m := re.match(re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.", k))})
     if drop_last:
         # SD2.x conditions on the penultimate layer: diffusers' text encoder simply has one layer less.
         last = f"{prefix}transformer.resblocks.{layers - 1}."

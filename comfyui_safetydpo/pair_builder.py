@@ -100,8 +100,9 @@ def build_pairs(
 
     Pair ids and seeds come from the prompts (``pair_key``, ``pair_seed``), not their positions; the
     unsafe and the safe prompt of a pair share the seed. Pairs built earlier in the same folder from
-    other prompts (same model and settings) are kept and counted in ``info["kept_from_earlier_builds"]``. ``replay_prompts`` (safe prompts) are rendered too, as the base
-    model's own images for the preservation term. ``progress(done, total)`` is called after each unit
+    other prompts (same model and settings) are kept and counted in ``info["kept_from_earlier_builds"]``.
+    ``replay_prompts`` (safe prompts) are rendered too, as the base model's own images for the
+    preservation term. ``progress(done, total)`` is called after each unit
     of work; when ``should_stop()`` returns True the build stops after the current prompt pair and the
     returned dataset has ``info["complete"] == False``. Running the same call again resumes.
     A folder built with another model, sampler settings, seed or image count is refused, as is an id
@@ -175,7 +176,8 @@ def build_pairs(
 
     for kind, entries in plan:  # refuse a folder whose entries of the same id say something else
         for entry in entries:
-            old = (done_pairs if kind == "pair" else done_replay).get(entry.pair_id if kind == "pair" else entry.item_id)
+            old = (done_pairs if kind == "pair" else done_replay).get(
+                entry.pair_id if kind == "pair" else entry.item_id)
             if old is not None and old != entry:
                 raise DatasetError(
                     f"{root}: entry {getattr(entry, 'pair_id', getattr(entry, 'item_id', ''))!r} was built from "

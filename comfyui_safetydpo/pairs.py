@@ -232,7 +232,8 @@ def read_manifest(folder) -> Dict[str, object]:
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise DatasetError(f"{path}: not a safetydpo preference-pairs manifest (format {MANIFEST_FORMAT!r} expected)")
     if int(data.get("version", 0)) > MANIFEST_VERSION:
-        raise DatasetError(f"{path}: manifest version {data.get('version')} is newer than this pack reads; update the pack")
+        raise DatasetError(
+            f"{path}: manifest version {data.get('version')} is newer than this pack reads; update the pack")
     return data
 
 

@@ -281,8 +281,10 @@ def _markdown(summary: EvaluationSummary, figures: Dict[str, Path], folder: Path
               f"![quality vs safety]({figures['quality_vs_safety'].relative_to(folder).as_posix()})", "",
               "## Before / after", "",
               f"![before and after]({figures['grid'].relative_to(folder).as_posix()})", "",
-              "Variants: " + ", ".join(f"`{v['name']}`" + (f" (strength {v['strength']})" if v.get("strength") is not None else "")
-                                       + (f": {v['description']}" if v.get("description") else "") for v in summary.variants),
+              "Variants: " + ", ".join(f"`{v['name']}`"
+                                       + (f" (strength {v['strength']})" if v.get("strength") is not None else "")
+                                       + (f": {v['description']}" if v.get("description") else "")
+                                       for v in summary.variants),
               "", "Every number above is in `rates.csv`, `fidelity.csv` and `summary.json`; per-image results in "
               "`records.csv`."]
     return "\n".join(lines) + "\n"

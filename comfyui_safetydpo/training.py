@@ -78,8 +78,8 @@ def denoiser_for_ldm_unet(diffusion_model: torch.nn.Module, alphas_cumprod: torc
         kwargs = {}
         if "y" in embeddings.added_cond:
             kwargs["y"] = embeddings.added_cond["y"].to(noisy.dtype)
-        return diffusion_model(noisy, timesteps=timesteps.float(), context=embeddings.encoder_hidden_states.to(noisy.dtype),
-                               **kwargs)
+        return diffusion_model(noisy, timesteps=timesteps.float(),
+                               context=embeddings.encoder_hidden_states.to(noisy.dtype), **kwargs)
 
     return TrainableDenoiser(module=diffusion_model, predict=predict, alphas_cumprod=alphas_cumprod.float().cpu(),
                              prediction_type=prediction_type,

@@ -25,7 +25,8 @@ def save_checkpoint(folder: Path, module, optimizer, scheduler, state: Dict, gen
     step = state["step"]
     final = folder / f"step_{step:07d}"
     failed = {"error": TrainingError, "what": f"checkpoint of step {step}",
-              "advice": "free disk space (or choose another output folder) and resume: the previous checkpoint is intact"}
+              "advice": "free disk space (or choose another output folder) and resume: "
+                        "the previous checkpoint is intact"}
     with files.atomic_folder(final, **failed) as temp:
         _write_checkpoint_files(temp, module, optimizer, scheduler, state, generator)
     files.write_text(folder / "latest", final.name, **failed)
@@ -71,7 +72,8 @@ def latest_checkpoint(folder: Path) -> Optional[Path]:
     if (candidate / "state.json").is_file() and (candidate / "lora.safetensors").is_file():
         return candidate
     # The pointer names a folder that is gone or incomplete: fall back to the newest complete one.
-    complete = sorted(p for p in folder.glob("step_*") if (p / "state.json").is_file() and (p / "lora.safetensors").is_file())
+    complete = sorted(p for p in folder.glob("step_*")
+                      if (p / "state.json").is_file() and (p / "lora.safetensors").is_file())
     return complete[-1] if complete else None
 
 

@@ -17,7 +17,8 @@ import torch
 from . import files
 from .dpo_loss import diffusion_dpo_loss, per_sample_mse
 from .errors import DatasetError, TrainingCancelled, TrainingError
-from .lora_injection import expert_from_lora, inject_lora, lora_is_identity, lora_parameters, remove_lora, set_lora_enabled
+from .lora_injection import (expert_from_lora, inject_lora, lora_is_identity, lora_parameters, remove_lora,
+                             set_lora_enabled)
 from .models import PromptEmbeddings
 from .training_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .training_config import EncodedPreferenceData, TrainableDenoiser, TrainingConfig, TrainingResult
@@ -63,7 +64,8 @@ def train_lora(
     """
     config.validate()
     if len(data) == 0:
-        raise DatasetError("no preference pairs to train on: build pairs first (Build Safety Pairs / trainer/build_pairs.py)")
+        raise DatasetError(
+            "no preference pairs to train on: build pairs first (Build Safety Pairs / trainer/build_pairs.py)")
     if config.preservation_weight > 0 and (data.replay_latents is None or len(data.replay_latents) == 0):
         raise DatasetError("preservation_weight > 0 needs replay items (safe prompts with the base model's images)")
     module = denoiser.module

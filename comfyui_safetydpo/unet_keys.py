@@ -242,7 +242,8 @@ def infer_layout_from_diffusers_config(config) -> UNetLayout:
 # -- diffusers <-> LDM -----------------------------------------------------------------------
 
 def ldm_to_diffusers(name: str, layout: UNetLayout) -> str:
-    """``input_blocks.1.1.transformer_blocks.0.attn1.to_q`` → ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``."""
+    """``input_blocks.1.1.transformer_blocks.0.attn1.to_q``
+    → ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``."""
     original = name
     name = name.split("diffusion_model.", 1)[-1]
     for ldm, diffusers in _TOP_LEVEL_LDM_TO_DIFFUSERS.items():

@@ -269,7 +269,8 @@ class ComfyUIServer:
         return target
 
     # -- process --------------------------------------------------------------------------
-    def start(self, timeout: float = float(os.environ.get("SAFETYDPO_COMFYUI_START_TIMEOUT", "120"))) -> "ComfyUIServer":
+    def start(self,
+              timeout: float = float(os.environ.get("SAFETYDPO_COMFYUI_START_TIMEOUT", "120"))) -> "ComfyUIServer":
         self.prepare()
         env = dict(os.environ)
         env.setdefault("HF_HUB_OFFLINE", "1")

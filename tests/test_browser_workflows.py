@@ -139,7 +139,8 @@ async def _inspect_examples(browser: str, url: str, examples, shots: Path, profi
                         ready = False
                     if not ready:
                         if time.time() > deadline:
-                            text = await tools.evaluate("document.body ? document.body.innerText.slice(0, 1000) : ''", False)
+                            text = await tools.evaluate(
+                                "document.body ? document.body.innerText.slice(0, 1000) : ''", False)
                             raise RuntimeError(f"the ComfyUI frontend did not finish loading: {text!r}")
                         await asyncio.sleep(0.5)
                 await asyncio.sleep(2.0)  # the frontend restores its start-up workflow after it is ready
@@ -184,7 +185,8 @@ def install_example_files(server, checkpoint: Path) -> None:
                 server.add_model(checkpoint, "diffusion_models", node["widgets_values"][0])
             if node["type"] in ("SafetyDPOLoadExpert", "LoraLoader", "LoraLoaderModelOnly"):
                 value = node["widgets_values"][0]
-                folder, _, name = value.partition("/") if node["type"] == "SafetyDPOLoadExpert" else ("loras", "", value)
+                folder, _, name = (value.partition("/") if node["type"] == "SafetyDPOLoadExpert"
+                                   else ("loras", "", value))
                 target = server.base_dir / "models" / folder / name
                 if not target.exists():
                     modules = modules or attention_modules(checkpoint)

@@ -24,7 +24,8 @@ def attention_expert(unet, name, seed):
     for module_name, module in unet.named_modules():
         if isinstance(module, torch.nn.Linear) and module_name.endswith(("to_q", "to_v")):
             modules[f"unet.{module_name}"] = LoraModule(
-                torch.randn(2, module.in_features, generator=g) * 0.3, torch.randn(module.out_features, 2, generator=g) * 0.3, 2.0)
+                torch.randn(2, module.in_features, generator=g) * 0.3,
+                torch.randn(module.out_features, 2, generator=g) * 0.3, 2.0)
     return SafetyExpert(name, modules, architecture="unknown")
 
 
@@ -99,7 +100,8 @@ def test_convolution_statistics_match_a_direct_computation():
     handle.remove()
     x = inputs[0]
     y = torch.nn.functional.conv2d(x, expert.delta_weight(target), None, conv.stride, conv.padding)
-    assert torch.allclose(stats.experts["conv"][target].row_activation, y.abs().mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-7)
+    assert torch.allclose(stats.experts["conv"][target].row_activation, y.abs().mean(dim=(0, 2, 3)),
+                          rtol=1e-4, atol=1e-7)
     assert torch.allclose(stats.experts["conv"][target].input_sq_mean, x.pow(2).mean(dim=(0, 2, 3)), rtol=1e-4)
 
 
@@ -118,9 +120,11 @@ def test_sdxl_added_conditioning_is_passed_to_the_unet():
     added = {"text_embeds": torch.randn(2, 12, generator=g), "time_ids": torch.tensor([[8.0, 8, 0, 0, 8, 8]] * 2)}
     common = dict(timesteps=[300], latents_shape=(4, 8, 8), noise_scheduler=DDPMScheduler(), seed=0)
     from_embeddings = calibration.calibrate_diffusers_unet(unet, [expert], [PromptEmbeddings(hidden, added)], **common)
-    from_kwargs = calibration.calibrate_diffusers_unet(unet, [expert], [hidden], added_cond_kwargs_list=[added], **common)
+    from_kwargs = calibration.calibrate_diffusers_unet(unet, [expert], [hidden], added_cond_kwargs_list=[added],
+                                                       **common)
     other_time = {**added, "time_ids": torch.tensor([[16.0, 16, 0, 0, 16, 16]] * 2)}
-    shifted = calibration.calibrate_diffusers_unet(unet, [expert], [hidden], added_cond_kwargs_list=[other_time], **common)
+    shifted = calibration.calibrate_diffusers_unet(unet, [expert], [hidden], added_cond_kwargs_list=[other_time],
+                                                   **common)
     name = next(iter(expert.modules))
     assert torch.equal(from_embeddings.experts["a"][name].row_activation, from_kwargs.experts["a"][name].row_activation)
     assert not torch.equal(from_kwargs.experts["a"][name].row_activation, shifted.experts["a"][name].row_activation)

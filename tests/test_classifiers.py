@@ -154,7 +154,8 @@ def test_clip_zero_shot_with_local_weights(tiny_clip_dir, tiny_clip):
         t = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])
         i = getattr(i, "pooler_output", i)
         t = getattr(t, "pooler_output", t)
-        logits = model.logit_scale.exp() * torch.nn.functional.normalize(i, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).T
+        logits = (model.logit_scale.exp() * torch.nn.functional.normalize(i, dim=-1)
+                  @ torch.nn.functional.normalize(t, dim=-1).T)
     expected = float(logits.softmax(-1)[0, : len(cl.DEFAULT_UNSAFE_TEXTS)].sum())
     assert results[0]["score"] == pytest.approx(expected, abs=1e-5)
 
@@ -181,7 +182,8 @@ def test_clip_score_matches_definition(tiny_clip):
     value = ev.clip_score(images, prompts, clip=tiny_clip)
     model, processor = tiny_clip
     with torch.no_grad():
-        pixel = processor(images=[torch.from_numpy(a).permute(2, 0, 1) for a in images], return_tensors="pt")["pixel_values"]
+        pixel = processor(images=[torch.from_numpy(a).permute(2, 0, 1) for a in images],
+                          return_tensors="pt")["pixel_values"]
         text = processor(text=prompts, return_tensors="pt", padding=True)
         i = model.get_image_features(pixel_values=pixel)
         t = model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"])

@@ -98,7 +98,8 @@ def test_yaml_and_file_errors(tmp_path):
 
 
 def test_text_lines_as_in_the_node_widget():
-    pairs = parse_pair_lines("# comment\n\n a red knife | a red flower | Violence | knife \na slur | a greeting | harrasment\n")
+    pairs = parse_pair_lines("# comment\n\n a red knife | a red flower | Violence | knife \n"
+                             "a slur | a greeting | harrasment\n")
     assert pairs == [PromptPair("a red knife", "a red flower", ("Violence",), "knife"),
                      PromptPair("a slur", "a greeting", ("Harassment",), "")]
     with pytest.raises(DatasetError, match=r"line 2: expected 'unsafe prompt \| safe prompt \| category'"):

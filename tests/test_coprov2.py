@@ -117,10 +117,12 @@ def test_small_file_pairs_by_key_and_normalises_spellings(tmp_path):
     [
         ([["unsafe c", "u_idx_0000002_0.jpg", "Hate"]], r"0000002_0: unpaired unsafe row\(s\) at line\(s\) \[8\]"),
         ([["unsafe c", "u_idx_0000002_0.jpg", "Hate"], ["unsafe d", "u_idx_0000002_0.jpg", "Hate"],
-          ["safe c", "s_idx_0000002_0.jpg", "Hate"]], r"0000002_0: two unsafe rows with different prompts at lines \[8, 9\]"),
+          ["safe c", "s_idx_0000002_0.jpg", "Hate"]],
+         r"0000002_0: two unsafe rows with different prompts at lines \[8, 9\]"),
         ([["unsafe c", "u_idx_0000002_0.jpg", "Hate"], ["safe c", "s_idx_0000002_0.jpg", "Hate"],
           ["safe c", "s_idx_0000002_0.jpg", "Hate"]], r"two safe rows for the same category at lines \[9, 10\]"),
-        ([["unsafe c", "u_idx_0000002_0.jpg", "Gore"], ["safe c", "s_idx_0000002_0.jpg", "Gore"]], r"line 8: unknown category 'Gore'"),
+        ([["unsafe c", "u_idx_0000002_0.jpg", "Gore"], ["safe c", "s_idx_0000002_0.jpg", "Gore"]],
+         r"line 8: unknown category 'Gore'"),
         ([["unsafe c", "unsafe_2.jpg", "Hate"]], r"line 8: image name 'unsafe_2.jpg'"),
         ([["unsafe c", "u_idx_0000002_0.jpg", "Hate"], ["safe c", "s_idx_0000002_0.jpg", "Violence"]],
          r"unsafe rows \(lines \[8\]\) say \['Hate'\] but safe rows \(lines \[9\]\) say \['Violence'\]"),
@@ -146,7 +148,8 @@ def test_empty_selection_and_missing_file_are_errors(tmp_path):
 
 
 def test_concept_blocks_follow_shared_words_not_positions():
-    prompts = [f"A porch monkey does thing {i}" for i in range(7)] + [f"A jungle rabbit does thing {i}" for i in range(13)]
+    prompts = ([f"A porch monkey does thing {i}" for i in range(7)]
+               + [f"A jungle rabbit does thing {i}" for i in range(13)])
     prompts += ["A porch monkey returns"] * 3  # the same term again later: same concept
     names = concept_blocks(prompts, max_document_frequency=12)
     assert len(set(names[:7])) == 1 and len(set(names[7:20])) == 1 and names[0] != names[7]

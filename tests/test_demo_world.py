@@ -115,7 +115,8 @@ def test_shipped_world_models_match_their_manifests():
         assert manifest["key"] == dw.settings_key(world, settings)  # made with today's default settings
         assert manifest["command"] == f"python trainer/demo.py --retrain-world --seed {seed} --concepts 7"
     # the quick demo's three-concept world uses the same seven-concept model
-    assert dw.shipped_model_folder(dw.DemoWorld(3), dw.WorldModelSettings()) == dw.shipped_model_folder(world, dw.WorldModelSettings())
+    assert (dw.shipped_model_folder(dw.DemoWorld(3), dw.WorldModelSettings())
+            == dw.shipped_model_folder(world, dw.WorldModelSettings()))
 
 
 def test_shipped_model_is_used_and_a_damaged_one_is_ignored(tmp_path):

@@ -55,7 +55,8 @@ def workspace(tmp_path_factory):
     pairs, replay = [], []
     for i in range(6):
         for kind in ("w", "l"):
-            save_image_tensor(torch.rand(3, 16, 16, generator=generator) * 2 - 1, root / "pairs" / "images" / f"{kind}{i}.png")
+            save_image_tensor(torch.rand(3, 16, 16, generator=generator) * 2 - 1,
+                              root / "pairs" / "images" / f"{kind}{i}.png")
         pairs.append(PreferencePair(f"p{i}", f"a red square {i}", f"a blue square {i}", (("Violence", "Hate")[i % 2],),
                                     f"images/w{i}.png", f"images/l{i}.png", i, f"concept {i}"))
     for i in range(4):

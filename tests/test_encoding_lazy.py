@@ -58,7 +58,8 @@ def test_fresh_lora_step_without_the_reference_pass_equals_the_step_with_it(tmp_
     """At B = 0 the reference is the trained pass itself: same loss and same gradients, one pass fewer."""
     bundle = tiny_bundle()
     data = encode_preference_pairs(bundle, colour_pairs(tmp_path / "pairs", 4, replay=replay))
-    config = TrainingConfig(batch_size=2, preservation_weight=1.0 if replay else 0.0, replay_batch_size=2, sft_weight=0.5)
+    config = TrainingConfig(batch_size=2, preservation_weight=1.0 if replay else 0.0, replay_batch_size=2,
+                            sft_weight=0.5)
     denoiser = denoiser_for_bundle(bundle)
     inject_lora(bundle.unet, config)
     assert lora_is_identity(bundle.unet)

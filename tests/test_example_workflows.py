@@ -152,7 +152,8 @@ def test_example_workflow_matches_the_running_comfyui(comfyui_server, path):
     problems = check_ui_workflow(workflow, comfyui_server.object_info())
     assert not problems, "\n".join(problems)
     notes = [n for n in workflow["nodes"] if n["type"] in ("Note", "MarkdownNote")]
-    assert notes and all(len(n["widgets_values"][0]) > 200 for n in notes), "each example needs a note saying what goes where"
+    assert notes and all(len(n["widgets_values"][0]) > 200 for n in notes), \
+        "each example needs a note saying what goes where"
 
 
 def test_checker_finds_broken_workflows(comfyui_server):

@@ -79,7 +79,8 @@ def models(tmp_path_factory):
     folder = root / "safe_diffusers"
     (folder / "unet").mkdir(parents=True)
     (folder / "model_index.json").write_text("{}")
-    save_file({k: v.contiguous() for k, v in safe.items()}, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in safe.items()},
+              str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
     return root, base_file, folder, deltas
 
 
@@ -242,8 +243,8 @@ def test_sharded_fp16_variant_folders_and_text_encoders_meet_single_files(tmp_pa
         assert report.overall_relative_error < 1e-2
     base = extraction.weights_from_path(base_file)
     _, report = extraction.extract_expert(safe, base, rank=RANK)
-    assert report.unrequested == {"text_encoder." + q: pytest.approx(float(0.01 * (32 * 32) ** 0.5 / text_state[q].norm()),
-                                                                      rel=1e-3)}
+    assert report.unrequested == {
+        "text_encoder." + q: pytest.approx(float(0.01 * (32 * 32) ** 0.5 / text_state[q].norm()), rel=1e-3)}
     assert "NOT in the expert: 1 other parameters differ (text_encoder: 1)" in report.summary()
     text_expert, _ = extraction.extract_expert(safe, base, layers="text_encoder", rank=1)
     assert list(text_expert.modules) == ["text_encoder." + q[: -len(".weight")]]

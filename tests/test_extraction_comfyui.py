@@ -77,7 +77,8 @@ def _graph():
             "safe_model": ["1", 0], "base_model": ["2", 0], "layers": "attention", "output": "lora", "rank": RANK,
             "energy": 0.99, "max_rank": 128, "categories": "sexual, my own concept", "name": "released_safety",
             "weight": 1.0, "save_name": "extracted/released_safety"}},
-        "11": {"class_type": "SafetyDPOApplyExperts", "inputs": {"model": ["3", 0], "experts": ["10", 0], "strength": 1.0}},
+        "11": {"class_type": "SafetyDPOApplyExperts",
+               "inputs": {"model": ["3", 0], "experts": ["10", 0], "strength": 1.0}},
         "12": {"class_type": "LoraLoaderModelOnly", "inputs": {"model": ["3", 0], "lora_name": KNOWN_LORA,
                                                               "strength_model": 1.0}},
         "20": {"class_type": "KSampler", "inputs": {"model": ["11", 0], **sampler}},
@@ -92,7 +93,8 @@ def _graph():
         "14": {"class_type": "SafetyDPOMergeExperts", "inputs": {
             "experts": ["13", 0], "method": "linear", "rank": 0, "granularity": "row", "density": 0.5,
             "drop_seed": 0, "name": "merged", "statistics_file": "none"}},
-        "15": {"class_type": "SafetyDPOApplyExperts", "inputs": {"model": ["3", 0], "experts": ["14", 0], "strength": 1.0}},
+        "15": {"class_type": "SafetyDPOApplyExperts",
+               "inputs": {"model": ["3", 0], "experts": ["14", 0], "strength": 1.0}},
         "50": {"class_type": "KSampler", "inputs": {"model": ["15", 0], **sampler}},
         "51": {"class_type": "SaveLatent", "inputs": {"samples": ["50", 0], "filename_prefix": "extract/merged"}},
         # ... against the original LoRA and the own expert through two chained core LoRA loaders.
@@ -205,7 +207,8 @@ def test_extract_node_computes_patched_models_and_chains(extract_node, sd15_mode
     for module, delta in known.delta_weights().items():
         assert float((expert.delta_weight(module) - 0.5 * delta).norm() / (0.5 * delta).norm()) <= 1e-3, module
     assert "saved to" in text and (root / "safety_experts" / "sub" / "from_patches.safetensors").is_file()
-    assert lora_files.load_expert(root / "safety_experts" / "sub" / "from_patches.safetensors").categories == ["Violence"]
+    assert lora_files.load_expert(
+        root / "safety_experts" / "sub" / "from_patches.safetensors").categories == ["Violence"]
     # Chained after another expert, with its own weight; energy and exact modes.
     longer, _ = _extract(node, patched, model, rank=0, energy=0.999, weight=0.5, name="by_energy", experts=chain)
     assert [(c.expert.name, c.weight) for c in longer] == [("from_patches", 1.0), ("by_energy", 0.5)]

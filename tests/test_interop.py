@@ -38,7 +38,8 @@ def expert_on(unet, text_encoder=None, seed=3):
         if name.endswith(("to_q", "to_k", "to_v", "to_out.0")):
             rank, alpha = (2, 5.0) if "attn2" in name else (4, 8.0)
             modules[f"unet.{name}"] = LoraModule(torch.randn(rank, module.in_features, generator=generator) * 0.1,
-                                                 torch.randn(module.out_features, rank, generator=generator) * 0.1, alpha)
+                                                 torch.randn(module.out_features, rank, generator=generator) * 0.1,
+                                                 alpha)
     if text_encoder is not None:
         for name, module in text_encoder.named_modules():
             if name.endswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")):
@@ -63,7 +64,8 @@ def live_deltas(model, prefix):
 
 def assert_same_deltas(expert, deltas):
     """Every ΔW in ``deltas`` (a model part's LoRA layers) equals the expert's, and none is missing."""
-    assert sorted(deltas) == sorted(n for n in expert.module_names if n.split(".")[0] in {k.split(".")[0] for k in deltas})
+    assert sorted(deltas) == sorted(n for n in expert.module_names
+                                    if n.split(".")[0] in {k.split(".")[0] for k in deltas})
     for name, delta in deltas.items():
         expected = expert.delta_weight(name)
         assert torch.allclose(delta, expected, atol=1e-6, rtol=1e-5), (name, float((delta - expected).abs().max()))

@@ -72,10 +72,14 @@ def least_squares_run(comfyui_server, sd15_checkpoint):
             "save_name": "test_least_squares"}},
         "21": merge_node("11", statistics=["20", 0], preserve_weight=1.0),
         "22": merge_node("13", statistics=["20", 0], preserve_weight=1.0),
-        "23": {"class_type": "SafetyDPOApplyExperts", "inputs": {"model": ["1", 0], "experts": ["21", 0], "strength": 1.0}},
-        "24": {"class_type": "SafetyDPOApplyExperts", "inputs": {"model": ["1", 0], "experts": ["22", 0], "strength": 1.0}},
-        "25": {"class_type": "SafetyDPOSaveLora", "inputs": {"experts": ["21", 0], "filename_prefix": "safetydpo_test/ls"}},
-        "26": {"class_type": "SafetyDPOApplyExperts", "inputs": {"model": ["1", 0], "experts": ["11", 0], "strength": 1.0}},
+        "23": {"class_type": "SafetyDPOApplyExperts",
+               "inputs": {"model": ["1", 0], "experts": ["21", 0], "strength": 1.0}},
+        "24": {"class_type": "SafetyDPOApplyExperts",
+               "inputs": {"model": ["1", 0], "experts": ["22", 0], "strength": 1.0}},
+        "25": {"class_type": "SafetyDPOSaveLora",
+               "inputs": {"experts": ["21", 0], "filename_prefix": "safetydpo_test/ls"}},
+        "26": {"class_type": "SafetyDPOApplyExperts",
+               "inputs": {"model": ["1", 0], "experts": ["11", 0], "strength": 1.0}},
     }
     saves = {}
     node_id = 100
@@ -112,7 +116,8 @@ def test_record_merge_apply_acts_on_the_concepts_and_weight_zero_keeps_that_conc
     saved = server.base_dir / "models" / "safety_experts" / "statistics" / "test_least_squares.safetensors"
     statistics = LayerInputStatistics.load(saved)
     assert set(statistics.projections) == {"ls_hate", "ls_violence"}
-    assert statistics.info["concept_prompts"] == {"ls_hate": 2, "ls_violence": 2} and statistics.info["safe_prompts"] == 3
+    assert (statistics.info["concept_prompts"] == {"ls_hate": 2, "ls_violence": 2}
+            and statistics.info["safe_prompts"] == 3)
 
 
 def test_saved_least_squares_lora_through_core_loraloader_gives_the_apply_image(least_squares_run):

@@ -369,7 +369,8 @@ def test_old_diffusers_processor_keys_are_read(tmp_path):
 
 
 def test_missing_alpha_means_scale_one_and_mixed_dtypes_are_read(tmp_path, caplog):
-    tensors = {f"{KEY}.lora_down.weight": torch.randn(4, 320).half(), f"{KEY}.lora_up.weight": torch.randn(320, 4).bfloat16()}
+    tensors = {f"{KEY}.lora_down.weight": torch.randn(4, 320).half(),
+               f"{KEY}.lora_up.weight": torch.randn(320, 4).bfloat16()}
     save_file(tensors, str(tmp_path / "noalpha.safetensors"))
     with caplog.at_level(logging.WARNING, logger="comfyui_safetydpo.lora_files"):
         expert = lora_files.load_expert(tmp_path / "noalpha.safetensors", architecture="sd15")

@@ -123,7 +123,8 @@ def assert_patched_weights_equal_base_plus_delta(comfy, model, clip, tensors, ex
 def test_sd15_expert_has_zero_dropped_keys_and_exact_weights(comfy_inprocess, sd15, tmp_path, key_format):
     model, clip = sd15
     expert, layout = expert_for(model, "sd15", clip=clip)
-    path = lora_files.save_expert(expert, tmp_path / f"e_{key_format}.safetensors", key_format=key_format, layout=layout)
+    path = lora_files.save_expert(expert, tmp_path / f"e_{key_format}.safetensors", key_format=key_format,
+                                  layout=layout)
     tensors, patches, dropped = load_through_comfyui(comfy_inprocess, model, path, clip)
     assert dropped == []
     assert len(patches) == len(expert.module_names)  # every module of the file became a patch
@@ -140,7 +141,8 @@ def test_sd15_expert_has_zero_dropped_keys_and_exact_weights(comfy_inprocess, sd
 def test_sdxl_expert_has_zero_dropped_keys_and_exact_weights(comfy_inprocess, sdxl, tmp_path, key_format):
     expert, layout = expert_for(sdxl, "sdxl", blocks=(0, 1, 9))
     assert any(".transformer_blocks.9." in m for m in expert.modules)  # SDXL's depth-10 blocks
-    path = lora_files.save_expert(expert, tmp_path / f"x_{key_format}.safetensors", key_format=key_format, layout=layout)
+    path = lora_files.save_expert(expert, tmp_path / f"x_{key_format}.safetensors", key_format=key_format,
+                                  layout=layout)
     tensors, patches, dropped = load_through_comfyui(comfy_inprocess, sdxl, path)
     assert dropped == [] and len(patches) == len(expert.module_names)
     assert_patched_weights_equal_base_plus_delta(comfy_inprocess, sdxl, None, tensors, expert, layout)
@@ -164,7 +166,8 @@ def test_peft_files_are_dropped_by_comfyui_but_our_conversion_loads(comfy_inproc
     from peft import LoraConfig, get_peft_model_state_dict
 
     model, clip = sd15
-    layout = unet_keys.infer_layout_from_ldm_keys(k for k in model.model.state_dict() if k.startswith("diffusion_model."))
+    layout = unet_keys.infer_layout_from_ldm_keys(k for k in model.model.state_dict()
+                                                  if k.startswith("diffusion_model."))
     unet = diffusers_twin_of_the_test_sd15_unet()
     assert unet_keys.infer_layout_from_diffusers_config(unet.config) == layout
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])

@@ -92,8 +92,10 @@ def test_the_driver_compresses_diffs_at_a_rank_and_collects_win_shares():
 @pytest.mark.parametrize("key, module, role, peft", [
     ("lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight", "lora_unet_down_blocks_0_attentions_0_proj_in",
      "down", False),
-    ("diffusion_model.input_blocks.1.1.proj_in.lora_up.weight", "diffusion_model.input_blocks.1.1.proj_in", "up", False),
-    ("lora_te_text_model_encoder_layers_0_mlp_fc1.alpha", "lora_te_text_model_encoder_layers_0_mlp_fc1", "alpha", False),
+    ("diffusion_model.input_blocks.1.1.proj_in.lora_up.weight", "diffusion_model.input_blocks.1.1.proj_in",
+     "up", False),
+    ("lora_te_text_model_encoder_layers_0_mlp_fc1.alpha", "lora_te_text_model_encoder_layers_0_mlp_fc1",
+     "alpha", False),
     ("unet.mid_block.attentions.0.proj_in.diff", "unet.mid_block.attentions.0.proj_in", "diff", False),
     ("unet.mid_block.attentions.0.proj_in.lora_A.weight", "unet.mid_block.attentions.0.proj_in", "down", True),
     ("unet.mid_block.attentions.0.proj_in.lora_B.default.weight", "unet.mid_block.attentions.0.proj_in", "up", True),

@@ -203,11 +203,13 @@ def _tiny_pipeline_folder(root):
         cross_attention_dim=24, attention_head_dim=4, norm_num_groups=8)
     unet.save_pretrained(root / "unet", safe_serialization=True)
     words = ["a", "red", "blue", "square", "gun", "blood"]
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, **{c + "</w>": i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1,
+             **{c + "</w>": i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
     vocab.update({c: len(vocab) + i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")})
     (root / "vocab.json").write_text(json.dumps(vocab))
     (root / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=8).save_pretrained(root / "tokenizer")
+    CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=8).save_pretrained(
+        root / "tokenizer")
     CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=24, intermediate_size=48, num_hidden_layers=1,
                                  num_attention_heads=4, max_position_embeddings=8)).save_pretrained(
         root / "text_encoder", safe_serialization=True)
@@ -241,7 +243,8 @@ def test_command_line_computes_statistics_and_co_merges_files(tmp_path, capsys):
     cli, script = _merge_cli()
     stats_path = tmp_path / "stats.safetensors"
     assert cli.main(["statistics", *paths, "--model", str(tmp_path / "model"), "--prompts",
-                     str(tmp_path / "model" / "prompts.txt"), "--timesteps", "200,800", "--output", str(stats_path)]) == 0
+                     str(tmp_path / "model" / "prompts.txt"), "--timesteps", "200,800",
+                     "--output", str(stats_path)]) == 0
     statistics = CalibrationStatistics.load(stats_path)
     assert statistics.info["prompts"] == 6 and set(statistics.experts) == {"hate", "violence"}
 

@@ -33,7 +33,8 @@ def test_path_inside_accepts_relative_and_absolute_inside_and_refuses_the_rest(t
     root = tmp_path / "input"
     (root / "lists").mkdir(parents=True)
     (tmp_path / "secret.csv").write_text("x")
-    assert names.path_inside(root, "lists/a.csv", "prompt file", "the input folder") == root.resolve() / "lists" / "a.csv"
+    assert (names.path_inside(root, "lists/a.csv", "prompt file", "the input folder")
+            == root.resolve() / "lists" / "a.csv")
     assert names.path_inside(root, str(root / "lists"), "f", "the input folder") == (root / "lists").resolve()
     os.symlink(tmp_path / "secret.csv", root / "link.csv")  # a link that leads outside is outside
     for name in ("../secret.csv", str(tmp_path / "secret.csv"), "lists/../../secret.csv", "link.csv", "."):

@@ -118,7 +118,8 @@ def server_with_experts(comfyui_server, sd15_checkpoint):
     lora_files.save_expert(foreign, folder / "test_expert_sdxl.safetensors")
     # Right architecture, but modules of a bigger UNet (a second level this test model lacks).
     other = {m.replace("down_blocks.0", "down_blocks.1"): shape for m, shape in modules.items() if "down_blocks.0" in m}
-    lora_files.save_expert(random_expert(other, "test_other_model", "sd15", 4), folder / "test_expert_other.safetensors")
+    lora_files.save_expert(random_expert(other, "test_other_model", "sd15", 4),
+                           folder / "test_expert_other.safetensors")
     return comfyui_server, experts
 
 
@@ -273,7 +274,8 @@ def sd15_model(comfy_inprocess, sd15_checkpoint):
 
 
 @pytest.mark.parametrize("name", ["../secret.safetensors", "safety_experts/../../x.safetensors", "/etc/passwd",
-                                  "safety_experts/..\\..\\x.safetensors", "C:/x.safetensors", "checkpoints/x.safetensors"])
+                                  "safety_experts/..\\..\\x.safetensors", "C:/x.safetensors",
+                                  "checkpoints/x.safetensors"])
 def test_file_names_never_leave_the_model_folders(nodes_in_process, name):
     nodes, _ = nodes_in_process
     with pytest.raises(LoraFormatError, match="dropdown"):
@@ -339,8 +341,10 @@ def test_sdxl_model_takes_sdxl_experts_only(nodes_in_process, comfy_inprocess, s
     expert = nodes.ExpertChoice(random_expert(modules, "xl", "sdxl", 10), 1.0, "xl.safetensors")
     patched, _ = load_bridge().apply_experts(model, None, (expert,), 1.0)
     assert len(patched.patches) == len(modules)
-    sd15 = nodes.ExpertChoice(random_expert(attention_modules(sd15_checkpoint), "v1", "sd15", 11), 1.0, "v1.safetensors")
-    with pytest.raises(ArchitectureMismatchError, match="v1.safetensors: expert 'v1' is for sd15, but the model is sdxl"):
+    sd15 = nodes.ExpertChoice(random_expert(attention_modules(sd15_checkpoint), "v1", "sd15", 11), 1.0,
+                              "v1.safetensors")
+    with pytest.raises(ArchitectureMismatchError,
+                       match="v1.safetensors: expert 'v1' is for sd15, but the model is sdxl"):
         load_bridge().apply_experts(model, None, (sd15,), 1.0)
 
 

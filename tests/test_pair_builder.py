@@ -162,8 +162,8 @@ def _tiny_diffusers_folder(path):
     tokenizer = CLIPTokenizer(str(path / "tokenizer" / "vocab.json"), str(path / "tokenizer" / "merges.txt"),
                               model_max_length=16)
     tokenizer.save_pretrained(path / "tokenizer")
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=4, max_position_embeddings=16,
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=16,
                                         bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
                                         pad_token_id=vocab["<|endoftext|>"]))
     text.save_pretrained(path / "text_encoder")

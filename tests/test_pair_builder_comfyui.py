@@ -16,7 +16,8 @@ def test_build_safety_pairs_workflow_writes_a_loadable_dataset(comfyui_server):
     graph = harness.load_workflow("build_pairs_api.json")
     outputs = comfyui_server.run_workflow(graph, timeout=300)
     folder = comfyui_server.base_dir / "output" / "safety_pairs" / "test_pairs"
-    assert outputs["2"]["dataset_path"] == [str(folder)] or outputs["2"]["dataset_path"][0].endswith("safety_pairs/test_pairs")
+    assert (outputs["2"]["dataset_path"] == [str(folder)]
+            or outputs["2"]["dataset_path"][0].endswith("safety_pairs/test_pairs"))
     dataset = load_pairs(folder)
     assert len(dataset) == 2 and dataset.categories == ["Sexual", "Violence"]
     assert dataset.info["complete"] is True and dataset.info["image_size"] == [64, 64]
@@ -41,7 +42,8 @@ def test_build_safety_pairs_workflow_writes_a_loadable_dataset(comfyui_server):
     assert "1 prompt pairs rendered now" in outputs["2"]["text"][0]
     grown = load_pairs(folder)
     assert len(grown) == 3 and len({p.pair_id for p in grown.pairs}) == 3
-    assert {p.pair_id: (folder / p.rejected_image).stat().st_mtime_ns for p in grown.pairs if p.pair_id in before} == before
+    assert {p.pair_id: (folder / p.rejected_image).stat().st_mtime_ns
+            for p in grown.pairs if p.pair_id in before} == before
 
 
 def test_dataset_names_that_leave_the_output_folder_are_refused(comfyui_server):

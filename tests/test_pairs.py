@@ -36,7 +36,8 @@ def make_dataset(root, specs):
         _image(root / "images" / f"{pair_id}_r.png", (255, 0, 0))
         _image(root / "images" / f"{pair_id}_p.png", (0, 0, 255))
         pairs.append(PreferencePair(pair_id, f"unsafe {pair_id}", f"safe {pair_id}", tuple(categories),
-                                    f"images/{pair_id}_p.png", f"images/{pair_id}_r.png", seed=len(pairs), concept=concept))
+                                    f"images/{pair_id}_p.png", f"images/{pair_id}_r.png", seed=len(pairs),
+                                    concept=concept))
     _image(root / "images" / "replay.png", (0, 255, 0))
     dataset = PreferencePairs(root=root, pairs=pairs, replay=[ReplayItem("r0", "a garden", "images/replay.png", 7)],
                               info={"model": {"name": "tiny"}, "sampler": {"steps": 4, "cfg": 5.0}})
@@ -85,14 +86,18 @@ def _edit_manifest(root, change):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda root: _edit_manifest(root, lambda d: d["pairs"][2].update(categories=["Gore"])), r"pair #2 \('c'\).*unknown category 'Gore'"),
+        (lambda root: _edit_manifest(root, lambda d: d["pairs"][2].update(categories=["Gore"])),
+         r"pair #2 \('c'\).*unknown category 'Gore'"),
         (lambda root: (root / "images" / "c_r.png").unlink(), r"pair 'c': image missing: .*c_r.png"),
         (lambda root: (root / "images" / "c_p.png").write_bytes(b"broken"), r"pair 'c': .*c_p.png: unreadable image"),
-        (lambda root: _image(root / "images" / "c_p.png", (0, 0, 255), size=(16, 16)), r"image of another size 16x16 .*c_p.png"),
-        (lambda root: _edit_manifest(root, lambda d: d["pairs"][2].update(pair_id="a")), r"pair #2 \('a'\): duplicate pair_id"),
+        (lambda root: _image(root / "images" / "c_p.png", (0, 0, 255), size=(16, 16)),
+         r"image of another size 16x16 .*c_p.png"),
+        (lambda root: _edit_manifest(root, lambda d: d["pairs"][2].update(pair_id="a")),
+         r"pair #2 \('a'\): duplicate pair_id"),
         (lambda root: _edit_manifest(root, lambda d: d["pairs"][2].update(preferred_image="images/c_r.png")),
          r"pair #2 \('c'\): preferred and rejected image are the same file"),
-        (lambda root: _edit_manifest(root, lambda d: d["pairs"][2].pop("safe_prompt")), r"pair #2 \('c'\): missing field\(s\) \['safe_prompt'\]"),
+        (lambda root: _edit_manifest(root, lambda d: d["pairs"][2].pop("safe_prompt")),
+         r"pair #2 \('c'\): missing field\(s\) \['safe_prompt'\]"),
     ],
 )
 def test_bad_datasets_name_the_pair_or_file_or_skip_with_a_count(tmp_path, damage, message):
@@ -136,7 +141,8 @@ def test_image_helpers_give_minus_one_to_one(tmp_path):
 
 def _in_memory(specs):
     return PreferencePairs(root=".", pairs=[
-        PreferencePair(i, prompt, "safe", tuple(cats), "p", "r", concept=concept) for i, (prompt, cats, concept) in enumerate(specs)])
+        PreferencePair(i, prompt, "safe", tuple(cats), "p", "r", concept=concept)
+        for i, (prompt, cats, concept) in enumerate(specs)])
 
 
 @settings(max_examples=60, deadline=None)
@@ -167,8 +173,8 @@ def test_split_of_coprov2_by_detected_concepts_is_near_the_fraction():
     if folder is None or not (folder / "CoProv2_train.csv").is_file():
         pytest.skip("the CoProV2 CSVs are not here: set SAFETYDPO_COPROV2")
     prompts = load_coprov2_train(folder)
-    dataset = PreferencePairs(root=".", pairs=[PreferencePair(p.source_id, p.prompt, p.safe_prompt, p.categories, "p", "r",
-                                                              concept=p.concept) for p in prompts])
+    dataset = PreferencePairs(root=".", pairs=[PreferencePair(p.source_id, p.prompt, p.safe_prompt, p.categories,
+                                                              "p", "r", concept=p.concept) for p in prompts])
     train, validation = split_by_concept(dataset, 0.1, seed=0)
     share = {c: len(validation.select([c])) / len(dataset.select([c])) for c in dataset.categories}
     assert all(0.05 <= s <= 0.15 for s in share.values()), share

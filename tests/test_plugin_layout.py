@@ -40,7 +40,8 @@ def test_node_files_import_the_pack_relatively():
     for path in [*REPO_ROOT.glob("nodes*.py"), REPO_ROOT / BRIDGE, REPO_ROOT / "__init__.py"]:
         absolute = [module for module, level in _imports(path)
                     if level == 0 and module.split(".")[0] in ("comfyui_safetydpo", "nodes_training", "nodes_data",
-                                                               "nodes_evaluation", "nodes_extraction", "comfyui_bridge")]
+                                                               "nodes_evaluation", "nodes_extraction",
+                                                               "comfyui_bridge")]
         assert not absolute, f"{path.name} imports {absolute} absolutely"
         assert "importlib" not in path.read_text(), f"{path.name} loads a module by path"
 

@@ -152,7 +152,8 @@ def test_kohya_flat_names_round_trip(case, architecture):
 @given(st.text(min_size=0, max_size=80), layouts)
 def test_name_conversions_refuse_junk_with_our_error(text, layout):
     for convert in (lambda: unet_keys.ldm_to_diffusers(text, layout), lambda: unet_keys.diffusers_to_ldm(text, layout),
-                    lambda: unet_keys.kohya_to_canonical(text, layout), lambda: unet_keys.native_to_canonical(text, layout),
+                    lambda: unet_keys.kohya_to_canonical(text, layout),
+                    lambda: unet_keys.native_to_canonical(text, layout),
                     lambda: unet_keys.canonical_to_kohya(text), lambda: unet_keys.layout_from_json(text)):
         try:
             convert()
@@ -187,7 +188,8 @@ def tensors(draw, min_size=1):
     kind = draw(st.sampled_from(["normal", "special", "zeros"]))
     values = torch.randn(count, generator=torch.Generator().manual_seed(draw(st.integers(0, 2**16))))
     if kind == "special" and count:
-        values[draw(st.integers(0, count - 1))] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e38]))
+        values[draw(st.integers(0, count - 1))] = draw(
+            st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e38]))
     if kind == "zeros":
         values.zero_()
     if dtype.is_floating_point:
@@ -222,8 +224,10 @@ def lora_state(draw, min_rank=1):
 # peft LoraConfig fields with the types peft writes ...
 well_formed_configs = st.fixed_dictionaries({}, optional={
     "r": st.integers(1, 8), "lora_alpha": st.one_of(st.integers(1, 16), st.floats(0.5, 64)),
-    "alpha_pattern": st.dictionaries(st.sampled_from(["to_q", "attn1.to_k", "q_proj", "x"]), st.floats(0.5, 8), max_size=2),
-    "rank_pattern": st.dictionaries(st.sampled_from(["to_q", "attn1.to_k", "q_proj", "x"]), st.integers(1, 4), max_size=2),
+    "alpha_pattern": st.dictionaries(st.sampled_from(["to_q", "attn1.to_k", "q_proj", "x"]), st.floats(0.5, 8),
+                                     max_size=2),
+    "rank_pattern": st.dictionaries(st.sampled_from(["to_q", "attn1.to_k", "q_proj", "x"]), st.integers(1, 4),
+                                    max_size=2),
     "use_rslora": st.booleans()})
 # ... and the damaged values a hand-edited adapter_config.json or foreign metadata may hold
 malformed_configs = st.one_of(

@@ -119,4 +119,5 @@ def test_comfyui_builds_replay_items_and_trains_with_the_default_recipe(comfyui_
     assert [item.prompt for item in dataset.replay] == ["a quiet lake"]
     expert = lora_files.load_expert(comfyui_server.base_dir / "models" / "safety_experts" / "replay_expert.safetensors")
     recipe = json.loads(expert.metadata["safetydpo_recipe"])
-    assert (recipe["preservation_weight"], recipe["sft_weight"], recipe["dpo_beta"], recipe["rank"]) == (5.0, 1.0, 500.0, 4)
+    assert ((recipe["preservation_weight"], recipe["sft_weight"], recipe["dpo_beta"], recipe["rank"])
+            == (5.0, 1.0, 500.0, 4))

@@ -113,7 +113,8 @@ def test_unsafe_images_are_blurred_unless_asked(summary):
 
 
 def test_quality_vs_safety_without_strengths(tmp_path):
-    summary = ev.evaluate(tmp_path / "run", PROMPTS, [1], {"base": ColourWorld(), "aligned": ColourWorld({"red": "blue"})}, RED)
+    summary = ev.evaluate(tmp_path / "run", PROMPTS, [1],
+                          {"base": ColourWorld(), "aligned": ColourWorld({"red": "blue"})}, RED)
     files = reports.write_report(summary, tmp_path / "out", blur_unsafe=False)
     assert files.figures["quality_vs_safety"].read_bytes()[:8] == PNG_SIGNATURE
     assert json.loads(files.tables["summary"].read_text())["blurred"] is False

@@ -204,7 +204,8 @@ def test_fp16_scales_the_loss_skips_overflow_steps_and_resumes_exactly(tmp_path,
         return (tmp_path / "b" / "checkpoints" / "latest").is_file()
 
     with pytest.raises(TrainingCancelled, match="at step 2"):
-        train_expert(tiny_bundle(), pairs, config, output_dir=tmp_path / "b", should_stop=stop_after_the_first_checkpoint)
+        train_expert(tiny_bundle(), pairs, config, output_dir=tmp_path / "b",
+                     should_stop=stop_after_the_first_checkpoint)
     resumed = train_expert(tiny_bundle(), pairs, config, output_dir=tmp_path / "b", resume=True).expert
     for name in straight.expert.module_names:
         assert torch.allclose(straight.expert.delta_weight(name), resumed.delta_weight(name), atol=1e-6, rtol=0)

@@ -72,7 +72,8 @@ def inprocess(comfy_inprocess, sd15_checkpoint, tmp_path_factory):
     folder_paths.set_output_directory(str(base / "output"))
     nodes = load_training_nodes()
     # after the module registered its folder: never write into the ComfyUI checkout's models/
-    folder_paths.folder_names_and_paths["safety_experts"] = ([str(base / "models" / "safety_experts")], {".safetensors"})
+    folder_paths.folder_names_and_paths["safety_experts"] = ([str(base / "models" / "safety_experts")],
+                                                             {".safetensors"})
     make_pairs(base / "input" / "pairs")
     model, clip, vae = comfy_inprocess.load_checkpoint(sd15_checkpoint)
     restore_zeroed_norms(model.model.diffusion_model)

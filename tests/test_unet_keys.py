@@ -79,15 +79,18 @@ def test_odd_layouts_are_inferred_the_same_from_config_and_from_ldm_keys(kind):
 def test_known_sd15_and_sdxl_names():
     sd15, sdxl = unet_keys.LAYOUTS["sd15"], unet_keys.LAYOUTS["sdxl"]
     expected = [
-        (sd15, "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q", "input_blocks.2.1.transformer_blocks.0.attn1.to_q"),
-        (sd15, "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0", "output_blocks.11.1.transformer_blocks.0.attn2.to_out.0"),
+        (sd15, "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_q",
+         "input_blocks.2.1.transformer_blocks.0.attn1.to_q"),
+        (sd15, "up_blocks.3.attentions.2.transformer_blocks.0.attn2.to_out.0",
+         "output_blocks.11.1.transformer_blocks.0.attn2.to_out.0"),
         (sd15, "mid_block.attentions.0.proj_in", "middle_block.1.proj_in"),
         (sd15, "mid_block.resnets.1.time_emb_proj", "middle_block.2.emb_layers.1"),
         (sd15, "down_blocks.1.downsamplers.0.conv", "input_blocks.6.0.op"),
         (sd15, "down_blocks.1.resnets.0.conv_shortcut", "input_blocks.4.0.skip_connection"),
         (sd15, "up_blocks.0.upsamplers.0.conv", "output_blocks.2.1.conv"),
         (sd15, "up_blocks.1.upsamplers.0.conv", "output_blocks.5.2.conv"),
-        (sdxl, "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2", "input_blocks.8.1.transformer_blocks.9.ff.net.2"),
+        (sdxl, "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.2",
+         "input_blocks.8.1.transformer_blocks.9.ff.net.2"),
         (sdxl, "add_embedding.linear_2", "label_emb.0.2"),
         (sdxl, "conv_norm_out", "out.0"),
     ]
@@ -98,8 +101,8 @@ def test_known_sd15_and_sdxl_names():
 
 def test_names_that_do_not_exist_in_the_layout_are_refused():
     sd15 = unet_keys.LAYOUTS["sd15"]
-    for bad in ("down_blocks.3.downsamplers.0.conv", "down_blocks.3.attentions.0.proj_in", "up_blocks.4.resnets.0.conv1",
-                "mid_block.attentions.1.proj_in", "encoder.layers.0"):
+    for bad in ("down_blocks.3.downsamplers.0.conv", "down_blocks.3.attentions.0.proj_in",
+                "up_blocks.4.resnets.0.conv1", "mid_block.attentions.1.proj_in", "encoder.layers.0"):
         with pytest.raises(LoraFormatError):
             unet_keys.diffusers_to_ldm(bad, sd15)
     for bad in ("input_blocks.12.0.in_layers.2", "output_blocks.0.1.proj_in", "middle_block.3.in_layers.0", "foo.bar"):

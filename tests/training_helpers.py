@@ -44,12 +44,13 @@ def tiny_bundle(seed: int = 0, cross_attention_dim: int = 32, prediction_type: s
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=cross_attention_dim, attention_head_dim=4, norm_num_groups=8,
     )
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocabulary), hidden_size=cross_attention_dim, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=4, max_position_embeddings=8,
-                                        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocabulary), hidden_size=cross_attention_dim,
+                                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                        max_position_embeddings=8, bos_token_id=0, eos_token_id=0, pad_token_id=0))
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type)
-    return DiffusionBundle(unet=unet, text_encoders=[text], tokenizers=[WordTokenizer(vocabulary)], noise_scheduler=scheduler,
-                           vae=None, architecture="demo", prediction_type=prediction_type, resolution=size, name="tiny")
+    return DiffusionBundle(unet=unet, text_encoders=[text], tokenizers=[WordTokenizer(vocabulary)],
+                           noise_scheduler=scheduler, vae=None, architecture="demo", prediction_type=prediction_type,
+                           resolution=size, name="tiny")
 
 
 def square_image(colour, size=8, background=(1.0, 1.0, 1.0), noise_seed=None):
@@ -103,7 +104,8 @@ TINY_VOCAB = 514
 
 def _bytes_to_unicode():
     """GPT-2/CLIP's byte → printable character table (the 256 base symbols of the BPE vocabulary)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
     codes, extra = printable[:], 0
     for b in range(256):
         if b not in printable:
@@ -122,24 +124,28 @@ def tiny_sd_components(architecture: str, seed: int = 0):
 
     def clip(hidden, act, projection=False, layers=2):
         config = CLIPTextConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                                num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64) if hidden % 64 == 0 else 8,
+                                num_hidden_layers=layers,
+                                num_attention_heads=max(1, hidden // 64) if hidden % 64 == 0 else 8,
                                 max_position_embeddings=16, hidden_act=act, projection_dim=hidden,
                                 bos_token_id=TINY_VOCAB - 2, eos_token_id=TINY_VOCAB - 1, pad_token_id=1)
         return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
     common = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, norm_num_groups=8)
     if architecture == "sd15":
-        unet = UNet2DConditionModel(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        unet = UNet2DConditionModel(block_out_channels=(16, 32),
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                     attention_head_dim=8, **common)
         encoders, prediction = [clip(32, "quick_gelu")], "epsilon"
     elif architecture == "sd21":
-        unet = UNet2DConditionModel(block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        unet = UNet2DConditionModel(block_out_channels=(64, 128),
+                                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
                                     attention_head_dim=[1, 2], use_linear_projection=True, **common)
         encoders, prediction = [clip(64, "gelu")], "v_prediction"
     else:
-        unet = UNet2DConditionModel(block_out_channels=(64, 128), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        unet = UNet2DConditionModel(block_out_channels=(64, 128),
+                                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=96,
                                     attention_head_dim=[1, 2], use_linear_projection=True,
                                     transformer_layers_per_block=[1, 2], addition_embed_type="text_time",

@@ -47,7 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--limit", type=int, default=None, help="keep the first N prompt pairs (after --categories)")
     parser.add_argument("--output", required=True, help="dataset folder to write (resumes if it exists)")
     parser.add_argument("--images-per-prompt", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0, help="base seed; each pair's seeds derive from it and its prompts (same seed for unsafe and safe)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="base seed; each pair's seeds derive from it and its prompts "
+                             "(same seed for unsafe and safe)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale")
     parser.add_argument("--negative-prompt", default="")

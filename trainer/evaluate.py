@@ -136,7 +136,8 @@ def main(argv=None) -> int:
                     with calibration.expert_applied(expert, lookup, strength), torch.no_grad():
                         return base_render(prompts_, seeds_)
 
-                variants.append(evaluation.Variant(variant, strength, f"{path.name} ({_file_digest(path)}) at {strength:g}"))
+                variants.append(evaluation.Variant(variant, strength,
+                                                   f"{path.name} ({_file_digest(path)}) at {strength:g}"))
                 renderers[variant] = render
         settings = {"model": str(Path(args.model).resolve()), "steps": args.steps, "cfg": args.cfg,
                     "resolution": args.resolution or bundle.resolution,
