@@ -353,7 +353,8 @@ class ExpertPatches:
     clip: Dict[str, object]
 
 
-def _expert_tensors(expert: SafetyExpert, architecture: str) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, str]]:
+def _expert_tensors(expert: SafetyExpert,
+                    architecture: str) -> Tuple[Dict[str, Dict[str, torch.Tensor]], Dict[str, str]]:
     """Kohya tensors per module (a module with both a LoRA and a diff becomes one exact diff)."""
     per_module: Dict[str, Dict[str, torch.Tensor]] = {}
     kohya: Dict[str, str] = {}
@@ -752,8 +753,8 @@ def _cleaned(data):
             if torch.is_tensor(value):
                 setattr(data, field.name, value.detach().clone())
             elif isinstance(value, PromptEmbeddings):
-                setattr(data, field.name, PromptEmbeddings(value.encoder_hidden_states.detach().clone(),
-                                                           {k: v.detach().clone() for k, v in value.added_cond.items()}))
+                added = {k: v.detach().clone() for k, v in value.added_cond.items()}
+                setattr(data, field.name, PromptEmbeddings(value.encoder_hidden_states.detach().clone(), added))
     return data
 
 

@@ -424,7 +424,8 @@ class ApplySafetyExperts(io.ComfyNode):
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.05, tooltip=(
                     "Overall strength; each expert is applied at strength × its weight. 0 returns the inputs "
                     "unchanged.")),
-                io.Clip.Input("clip", optional=True, tooltip="Needed only when an expert also changes the text encoder."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Needed only when an expert also changes the text encoder."),
             ],
             outputs=[
                 io.Model.Output("model", display_name="model",

@@ -38,7 +38,8 @@ def read_pairs(prompt_pairs: str, prompt_file: str, categories: str, limit: int)
         pairs = load_concept_file(bridge.input_file(prompt_file, "prompt file"))
     else:
         if not prompt_pairs.strip():
-            raise DatasetError("no prompt pairs: write lines 'unsafe prompt | safe prompt | category' or set prompt_file")
+            raise DatasetError("no prompt pairs: write lines 'unsafe prompt | safe prompt | category' or set "
+                               "prompt_file")
         pairs = parse_pair_lines(prompt_pairs, source="Build Safety Pairs prompt_pairs")
     wanted = [c.strip() for c in categories.split(",") if c.strip()]
     if wanted:

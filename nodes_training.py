@@ -77,7 +77,8 @@ class TrainSafetyExpertDPO(io.ComfyNode):
                 io.Float.Input("preservation_weight", default=0.0, min=0.0, max=100.0, step=0.01, tooltip=(
                     "Weight of the replay term: on the dataset's safe prompts, stay close to the frozen model "
                     "(needs replay items in the dataset).")),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for noise, timesteps and data order."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seed for noise, timesteps and data order."),
                 io.Int.Input("checkpoint_every", default=100, min=0, max=100000, tooltip=(
                     "Save a resumable checkpoint every N steps (0 = only at the end).")),
                 io.Boolean.Input("resume", default=False, tooltip=(

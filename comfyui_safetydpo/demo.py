@@ -133,7 +133,8 @@ def replay_prompts(world: dw.DemoWorld) -> List[str]:
 
 # -- pairs ------------------------------------------------------------------------------------
 
-def build_demo_pairs(bundle, world: dw.DemoWorld, settings: DemoSettings, folder: Path, model_key: str) -> PreferencePairs:
+def build_demo_pairs(bundle, world: dw.DemoWorld, settings: DemoSettings, folder: Path,
+                     model_key: str) -> PreferencePairs:
     """Render the pairs with the base model through the real pair builder (resumable folder).
 
     All images are sampled up front in a few large batches (same seeds the builder assigns), and the
@@ -324,7 +325,8 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     weights = [1.0] * len(experts)
     default_name = MERGE_LABELS[settings.merge_method]
     merger = DemoMerger(bundle, world, settings)
-    merged_default = merger.merge(settings.merge_method, experts, weights, name=f"safety_expert_demo_{settings.merge_method}")
+    merged_default = merger.merge(settings.merge_method, experts, weights,
+                                  name=f"safety_expert_demo_{settings.merge_method}")
     variants: Dict[str, Optional[SafetyExpert]] = {"base": None, default_name: merged_default}
     if settings.baselines:
         for method in ("least_squares", "co_merge", "linear", "ties"):
@@ -384,7 +386,8 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
                                     results["base"]["per_concept"], report)
     scaling = None
     if len(experts) > len(dw.CONCEPTS):
-        scaling = scaling_curve(bundle, world, oracle, experts, one_on_all, merger, settings, report)
+        scaling = scaling_curve(bundle, world, oracle, experts, one_on_all, merger, settings, report,
+                                pairs if settings.gate else None)
     t = lap("evaluation", t)
 
     # 6. report
@@ -394,8 +397,10 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
         "default_variant": default_name, "weight_zero": weight_zero, "experts_alone": alone, "timings": timings,
         "gate": gate_summary,
         "base_attribute_fidelity": attribute_fidelity(items, base_readings),
-        "co_merge_wins": co_merge_wins(variants[MERGE_LABELS["co_merge"]]) if MERGE_LABELS["co_merge"] in variants else {},
-        "co_merge_granularity": settings.co_merge_granularity, "concepts": [dataclasses.asdict(c) for c in world.concepts],
+        "co_merge_wins": (co_merge_wins(variants[MERGE_LABELS["co_merge"]]) if MERGE_LABELS["co_merge"] in variants
+                          else {}),
+        "co_merge_granularity": settings.co_merge_granularity,
+        "concepts": [dataclasses.asdict(c) for c in world.concepts],
         "eval_items": len(items), "scaling": scaling, "torch_threads": torch.get_num_threads(),
     }
     report_path = write_demo_report(output_dir, summary, world, items, images)

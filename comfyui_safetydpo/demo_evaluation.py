@@ -42,7 +42,8 @@ class EvalItem:
 def evaluation_items(world: dw.DemoWorld, seeds: Sequence[int]) -> List[EvalItem]:
     """Held-out seeds on every scene: both held-out templates with every seed, training templates with the first."""
     items = []
-    scenes = [(s, True) for c in world.concepts for s in world.scenes([c.name])] + [(s, False) for s in safe_scenes(world)]
+    scenes = ([(s, True) for c in world.concepts for s in world.scenes([c.name])]
+              + [(s, False) for s in safe_scenes(world)])
     for scene, unsafe in scenes:
         concept = scene.colour if unsafe else ""
         for template in dw.HELD_OUT_TEMPLATES:
@@ -63,7 +64,8 @@ def sample_batched(bundle, prompts: Sequence[str], seeds: Sequence[int], steps: 
     return torch.cat(out) if out else torch.zeros(0, 3, dw.IMAGE_SIZE, dw.IMAGE_SIZE)
 
 
-def render_variant(bundle, expert: Optional[SafetyExpert], items: Sequence[EvalItem], settings: DemoSettings) -> torch.Tensor:
+def render_variant(bundle, expert: Optional[SafetyExpert], items: Sequence[EvalItem],
+                   settings: DemoSettings) -> torch.Tensor:
     """Images for ``items`` with ``expert`` applied to the UNet (None: the base model)."""
     prompts, seeds = [i.prompt for i in items], [i.seed for i in items]
     if expert is None:
@@ -123,7 +125,8 @@ def weight_zero_check(bundle, merger: DemoMerger, method: str, experts: Sequence
         weights = [0.0 if k == index else 1.0 for k in range(len(experts))]
         merged = merger.merge(method, experts, weights, name=f"demo_{method}_without_{index}")
         images = render_variant(bundle, merged, unsafe_items, settings)
-        result = measure(oracle, unsafe_items, base_images[unsafe_rows], images, [base_readings[i] for i in unsafe_rows])
+        result = measure(oracle, unsafe_items, base_images[unsafe_rows], images,
+                         [base_readings[i] for i in unsafe_rows])
         concept = next(c.name for c in merger.world.concepts if c.category in expert.categories)
         others = [rate for name, rate in result["per_concept"].items() if name != concept]
         row = {"concept": concept, "expert": expert.name, "rate": result["per_concept"][concept],
@@ -136,7 +139,8 @@ def weight_zero_check(bundle, merger: DemoMerger, method: str, experts: Sequence
 
 
 def experts_alone_check(bundle, experts: Sequence[SafetyExpert], items: Sequence[EvalItem], base_images: torch.Tensor,
-                        base_readings, oracle: dw.DemoOracle, settings: DemoSettings, base_per_concept: Dict[str, float],
+                        base_readings, oracle: dw.DemoOracle, settings: DemoSettings,
+                        base_per_concept: Dict[str, float],
                         report: Callable[[str], None]) -> List[Dict[str, object]]:
     """Each expert applied alone: its own concept's unsafe rate, the other concepts', and its collateral.
 
@@ -156,7 +160,8 @@ def experts_alone_check(bundle, experts: Sequence[SafetyExpert], items: Sequence
                "safe_changed_pixels": result["safe_changed_pixels"],
                "scene_kept_on_unsafe_prompts": result["scene_kept_on_unsafe_prompts"]}
         rows.append(row)
-        report(f"  {concept} expert alone: {concept} {row['rate']:.0%} left (base {row['base_rate']:.0%}), other concepts "
+        report(f"  {concept} expert alone: {concept} {row['rate']:.0%} left (base {row['base_rate']:.0%}), other "
+               "concepts "
                f"{row['others_removed']:.0%} removed, safe prompts changed {row['safe_changed_oracle']:.1%} (oracle) / "
                f"{row['safe_changed_pixels']:.1%} (pixels)")
     return rows
@@ -165,10 +170,11 @@ def experts_alone_check(bundle, experts: Sequence[SafetyExpert], items: Sequence
 GATED_LABEL = "DPO experts gated by prompt"
 
 
-def demo_gate(bundle, world: dw.DemoWorld, pairs: PreferencePairs) -> ConceptGate:
-    """The prompt gate from the pairs each expert trained on (and the replay prompts, which must stay off)."""
+def demo_gate(bundle, world: dw.DemoWorld, pairs: PreferencePairs, count: Optional[int] = None) -> ConceptGate:
+    """The prompt gate from the pairs each expert trained on (and the replay prompts, which must stay off);
+    ``count``: the first that many concepts only."""
     references = {c.name: [(p.prompt, p.safe_prompt) for p in pairs.select([c.category]).pairs]
-                  for c in world.concepts}
+                  for c in world.concepts[:count]}
     return build_concept_gate(bundle_prompt_encoder(bundle), references, [r.prompt for r in pairs.replay])
 
 
@@ -213,7 +219,8 @@ def render_gated(bundle, experts: Sequence[SafetyExpert], names: Sequence[str], 
 def gated_weight_zero_check(bundle, experts: Sequence[SafetyExpert], names: Sequence[str],
                             present: Sequence[Sequence[str]], items: Sequence[EvalItem], base_images: torch.Tensor,
                             base_readings, oracle: dw.DemoOracle, settings: DemoSettings,
-                            base_per_concept: Dict[str, float], report: Callable[[str], None]) -> List[Dict[str, object]]:
+                            base_per_concept: Dict[str, float],
+                            report: Callable[[str], None]) -> List[Dict[str, object]]:
     """``weight_zero_check`` for the gated experts: one concept's weight at 0, the others at 1."""
     unsafe_rows = [i for i, item in enumerate(items) if item.unsafe]
     unsafe_items = [items[i] for i in unsafe_rows]
@@ -222,7 +229,8 @@ def gated_weight_zero_check(bundle, experts: Sequence[SafetyExpert], names: Sequ
         weights = [0.0 if k == index else 1.0 for k in range(len(experts))]
         images = render_gated(bundle, experts, names, [present[i] for i in unsafe_rows], weights, unsafe_items,
                               settings, base_images[unsafe_rows])
-        result = measure(oracle, unsafe_items, base_images[unsafe_rows], images, [base_readings[i] for i in unsafe_rows])
+        result = measure(oracle, unsafe_items, base_images[unsafe_rows], images,
+                         [base_readings[i] for i in unsafe_rows])
         others = [rate for name, rate in result["per_concept"].items() if name != concept]
         row = {"concept": concept, "expert": experts[index].name, "rate": result["per_concept"][concept],
                "base_rate": base_per_concept[concept], "others_mean": float(np.mean(others)) if others else 0.0,
@@ -235,12 +243,13 @@ def gated_weight_zero_check(bundle, experts: Sequence[SafetyExpert], names: Sequ
 
 def scaling_curve(bundle, world: dw.DemoWorld, oracle: dw.DemoOracle, experts: Sequence[SafetyExpert],
                   one_on_all: Optional[SafetyExpert], merger: DemoMerger, settings: DemoSettings,
-                  report: Callable[[str], None]) -> List[Dict[str, object]]:
+                  report: Callable[[str], None], pairs: Optional[PreferencePairs] = None) -> List[Dict[str, object]]:
     """Unsafe rate and safe-prompt change vs number of merged concepts (first k experts), per merge method.
 
     Each point is evaluated on the first k concepts' unsafe prompts (held-out templates, first held-out
     seed) and on every safe prompt. One expert on all data is measured at k = all concepts only (training
-    it for every k would cost k times the experts).
+    it for every k would cost k times the experts). With ``pairs``, the experts gated by prompt too (a gate
+    fitted to the first k concepts' pairs).
     """
     items_all = [i for i in evaluation_items(world, settings.eval_seeds[:1]) if i.split == "held-out template"]
     safe = [i for i in items_all if not i.unsafe]
@@ -252,11 +261,19 @@ def scaling_curve(bundle, world: dw.DemoWorld, oracle: dw.DemoOracle, experts: S
         base = render_variant(bundle, None, items, settings)
         base_readings = [oracle.read(image) for image in base]
         chosen = list(experts[:k])
-        variants = {method: merger.merge(method, chosen, [1.0] * k) for method in ("least_squares", "co_merge", "linear")}
+        variants = {method: merger.merge(method, chosen, [1.0] * k)
+                    for method in ("least_squares", "co_merge", "linear")}
         if k == len(experts) and one_on_all is not None:
             variants["one_on_all"] = one_on_all
-        for method, expert in variants.items():
-            row = measure(oracle, items, base, render_variant(bundle, expert, items, settings), base_readings)
+        renders = {method: (lambda e=expert: render_variant(bundle, e, items, settings))
+                   for method, expert in variants.items()}
+        if pairs is not None:
+            gate = demo_gate(bundle, world, pairs, k)
+            present = gate_readings(gate, bundle, items)
+            renders["gated"] = lambda: render_gated(bundle, chosen, [c.name for c in world.concepts[:k]], present,
+                                                    [1.0] * k, items, settings, base)
+        for method, render in renders.items():
+            row = measure(oracle, items, base, render(), base_readings)
             rows.append({"concepts": k, "method": method, "unsafe_rate": row["unsafe_rate"],
                          "base_unsafe_rate": float(np.mean([r["colour"] in oracle.world.unsafe_colours
                                                             for r, i in zip(base_readings, items) if i.unsafe])),
@@ -297,6 +314,7 @@ def attribute_fidelity(items: Sequence[EvalItem], readings: Sequence[Dict[str, s
     """Share of images whose colour, shape and background (each, and all three) read as the prompt says."""
     rows = [({"background": i.scene.background, "colour": i.scene.colour, "shape": i.scene.shape}, r)
             for i, r in zip(items, readings)]
-    out = {key: float(np.mean([truth[key] == r[key] for truth, r in rows])) for key in ("colour", "shape", "background")}
+    out = {key: float(np.mean([truth[key] == r[key] for truth, r in rows]))
+           for key in ("colour", "shape", "background")}
     out["all"] = float(np.mean([truth == r for truth, r in rows]))
     return out

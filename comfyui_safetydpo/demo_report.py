@@ -103,7 +103,8 @@ def seeds_markdown(aggregate: Dict[str, object]) -> str:
              "| variant | " + " | ".join(label for _, label in SEED_MEASURES) + " |",
              "|---|" + "---|" * len(SEED_MEASURES)]
     for variant, row in aggregate["table"].items():
-        lines.append(f"| {variant} | " + " | ".join(cell(row[key], key != "safe_mad") for key, _ in SEED_MEASURES) + " |")
+        cells = " | ".join(cell(row[key], key != "safe_mad") for key, _ in SEED_MEASURES)
+        lines.append(f"| {variant} | {cells} |")
     fidelity = aggregate["base_prompt_fidelity"]
     lines += ["", f"Base model draws what the prompt says (colour, shape and background): unsafe prompts "
               f"{cell(fidelity['unsafe prompts'])}, safe prompts {cell(fidelity['safe prompts'])}; pairs with the same "
@@ -111,8 +112,10 @@ def seeds_markdown(aggregate: Dict[str, object]) -> str:
     alone = aggregate.get("experts_alone")
     if alone:
         lines += ["", f"Each expert applied alone ({alone['experts']} experts over all seeds; mean, with the worst "
-                  f"expert): own concept removed {alone['own_removed']['mean']:.1%} (worst {alone['own_removed']['min']:.1%}); "
-                  f"other concepts removed {alone['others_removed']['mean']:.1%} (most {alone['others_removed']['max']:.1%}); "
+                  f"expert): own concept removed {alone['own_removed']['mean']:.1%} "
+                  f"(worst {alone['own_removed']['min']:.1%}); "
+                  f"other concepts removed {alone['others_removed']['mean']:.1%} "
+                  f"(most {alone['others_removed']['max']:.1%}); "
                   f"safe prompts changed {alone['safe_changed_oracle']['mean']:.1%} by oracle reading (worst "
                   f"{alone['safe_changed_oracle']['max']:.1%}), {alone['safe_changed_pixels']['mean']:.1%} by pixels "
                   f"(worst {alone['safe_changed_pixels']['max']:.1%})."]
@@ -134,13 +137,15 @@ def seeds_markdown(aggregate: Dict[str, object]) -> str:
 def summary_table(summary: Dict[str, object]) -> str:
     """The headline table (Markdown)."""
     lines = ["| variant | unsafe left (held-out seeds+templates) | unsafe removed | safe prompts changed "
-             "| oracle reading flipped | pixels changed (MAD > 0.05) | mean MAD, safe prompts | scene kept, unsafe prompts |",
+             "| oracle reading flipped | pixels changed (MAD > 0.05) | mean MAD, safe prompts "
+             "| scene kept, unsafe prompts |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in summary["results"].items():
         lo, hi = row["unsafe_ci"]
         lines.append(f"| {name} | {row['unsafe_rate']:.1%} ({row['unsafe_count']}/{row['unsafe_n']}, 95 % CI "
-                     f"{lo:.1%}–{hi:.1%}) | {row['removed']:.1%} | {row['safe_changed']:.1%} | {row['safe_changed_oracle']:.1%} | "
-                     f"{row['safe_changed_pixels']:.1%} | {row['safe_mad']:.3f} | {row['scene_kept_on_unsafe_prompts']:.1%} |")
+                     f"{lo:.1%}–{hi:.1%}) | {row['removed']:.1%} | {row['safe_changed']:.1%} | "
+                     f"{row['safe_changed_oracle']:.1%} | {row['safe_changed_pixels']:.1%} | {row['safe_mad']:.3f} | "
+                     f"{row['scene_kept_on_unsafe_prompts']:.1%} |")
     return "\n".join(lines)
 
 
@@ -188,7 +193,8 @@ def grid_figure(items: Sequence[EvalItem], images: Dict[str, torch.Tensor], vari
     """Before/after: the same prompts and seeds, base model vs each variant (unsafe rows, then safe rows)."""
     chosen = []
     for concept in [c.name for c in world.concepts][:per_group]:
-        chosen.append(next(i for i, item in enumerate(items) if item.concept == concept and item.split == "held-out template"))
+        chosen.append(next(i for i, item in enumerate(items)
+                           if item.concept == concept and item.split == "held-out template"))
     safe = [i for i, item in enumerate(items) if not item.unsafe and item.split == "held-out template"]
     chosen += safe[:: max(len(safe) // 3, 1)][:3]
     columns = ["base", *variants]
@@ -281,7 +287,8 @@ def write_demo_report(output_dir: Path, summary: Dict[str, object], world: dw.De
     lines += ["", "Unsafe rate by prompt template split:", "",
               "| variant | held-out templates | training templates (held-out seeds) |", "|---|---|---|"]
     for name, row in results.items():
-        lines.append(f"| {name} | {row['per_split']['held-out template']:.1%} | {row['per_split']['training template']:.1%} |")
+        lines.append(f"| {name} | {row['per_split']['held-out template']:.1%} | "
+                     f"{row['per_split']['training template']:.1%} |")
     lines += ["", "## Before / after", "", "Same prompt and seed in every row; first rows unsafe prompts (one per "
               "concept), last rows safe prompts.", "", "![before and after](before_after.png)", ""]
     if summary.get("scaling"):
@@ -289,7 +296,8 @@ def write_demo_report(output_dir: Path, summary: Dict[str, object], world: dw.De
         lines += ["## Scaling: unsafe rate vs number of concepts", "", "![scaling](scaling.png)", "",
                   "| concepts | method | base unsafe | unsafe left | safe prompts changed |", "|---|---|---|---|---|"]
         for row in summary["scaling"]:
-            lines.append(f"| {row['concepts']} | {row['method']} | {row['base_unsafe_rate']:.1%} | {row['unsafe_rate']:.1%} "
+            lines.append(f"| {row['concepts']} | {row['method']} | {row['base_unsafe_rate']:.1%} | "
+                         f"{row['unsafe_rate']:.1%} "
                          f"| {row['safe_changed']:.1%} |")
         lines.append("")
     if summary.get("weight_zero"):
@@ -299,7 +307,8 @@ def write_demo_report(output_dir: Path, summary: Dict[str, object], world: dw.De
                   "| weight 0 for | its unsafe rate | base model | other concepts, mean | other concepts, worst |",
                   "|---|---|---|---|---|"]
         for row in summary["weight_zero"]:
-            lines.append(f"| {row['concept']} | {row['rate']:.0%} | {row['base_rate']:.0%} | {row['others_mean']:.1%} | "
+            lines.append(f"| {row['concept']} | {row['rate']:.0%} | {row['base_rate']:.0%} | "
+                         f"{row['others_mean']:.1%} | "
                          f"{row['others_max']:.0%} |")
         lines.append("")
     gate = summary.get("gate")
@@ -328,7 +337,8 @@ def write_demo_report(output_dir: Path, summary: Dict[str, object], world: dw.De
                   "| expert | its concept left | base model | other concepts removed | safe: oracle changed | "
                   "safe: pixels changed | unsafe: scene kept |", "|---|---|---|---|---|---|---|"]
         for row in summary["experts_alone"]:
-            lines.append(f"| {row['concept']} | {row['rate']:.0%} | {row['base_rate']:.0%} | {row['others_removed']:.0%} | "
+            lines.append(f"| {row['concept']} | {row['rate']:.0%} | {row['base_rate']:.0%} | "
+                         f"{row['others_removed']:.0%} | "
                          f"{row['safe_changed_oracle']:.1%} | {row['safe_changed_pixels']:.1%} | "
                          f"{row['scene_kept_on_unsafe_prompts']:.0%} |")
         lines.append("")

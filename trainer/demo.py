@@ -5,7 +5,7 @@
     python trainer/demo.py --seeds 0 1 2      # three seeds: report with mean and range (the README's table)
     python trainer/demo.py --seed 5           # any other seed (a new seed trains its world model first)
     python trainer/demo.py --quick            # the test-suite size (3 concepts, fewer steps)
-    python trainer/demo.py --concepts 50      # the larger setting for the scaling curve
+    python trainer/demo.py --scaling          # the scaling curve, k = 1, 7, 15, 30, 50 concepts (hours on a CPU)
     python trainer/demo.py --fresh            # forget the cache (pairs, experts, trained world models) first
     python trainer/demo.py --retrain-world    # train the world model again instead of the shipped weights
     python trainer/demo.py --world-only       # only check how faithfully the world model draws the prompts
@@ -29,18 +29,21 @@ if str(ROOT) not in sys.path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--output", type=Path, default=ROOT / "demo_output",
                         help="folder for report.md, figures, summary.json and the merged LoRA (default: demo_output/)")
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "demo_world",
                         help="cache folder for the demo model, pairs and experts (default: .cache/demo_world)")
     parser.add_argument("--concepts", type=int, default=None,
                         help="number of unsafe concepts (7 = one per CoProV2 category; more are generated colours)")
-    parser.add_argument("--quick", action="store_true", help="the small test-suite setting (3 concepts, about a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the small test-suite setting (3 concepts, a few minutes)")
     parser.add_argument("--fresh", action="store_true", help="delete the cache first and build everything again")
     parser.add_argument("--expert-steps", type=int, default=None, help="training steps per expert")
     parser.add_argument("--expert-learning-rate", type=float, default=None,
-                        help="learning rate of the DPO experts (default: the demo recipe's 1e-3; docs/demo.md has 3e-3)")
+                        help="learning rate of the DPO experts (default: the demo recipe's 1e-3; docs/demo.md "
+                             "has 3e-3)")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the world model, the pairs, the experts and the held-out evaluation (default 0)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -51,6 +54,10 @@ def main(argv=None) -> int:
                         help="also row Co-Merge and the supervised (non-DPO) experts")
     parser.add_argument("--merge", choices=("least_squares", "co_merge", "linear", "ties"), default=None,
                         help="the default merge written as the demo's LoRA (default least_squares)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="the scaling curve: removal and collateral against the number of concepts (k = 1, 7, 15, "
+                             "30, 50) for the least-squares merge, Co-Merge, linear and the gated experts; 50 concepts "
+                             "unless --concepts says otherwise, without the per-concept checks (hours on a CPU)")
     parser.add_argument("--retrain-world", action="store_true",
                         help="train the world model again (and write it where the shipped weights live)")
     parser.add_argument("--world-only", action="store_true",
@@ -67,6 +74,9 @@ def main(argv=None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     settings = demo.quick_settings() if args.quick else demo.DemoSettings()
+    if args.scaling:
+        settings.concepts, settings.baselines = 50, False
+        settings.weight_zero_checks = settings.experts_alone = False
     if args.concepts is not None:
         if args.concepts < 1:
             parser.error("--concepts must be at least 1")
