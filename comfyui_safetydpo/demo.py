@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 DEMO_VERSION = "1"
 # The training recipe chosen on the demo world (docs/demo.md has every recipe that was measured).
-_LORA = dict(rank=4, alpha=4.0, target_modules=("to_q", "to_k", "to_v", "to_out.0"), learning_rate=1e-3,
+_LORA = dict(rank=4, alpha=4.0, target_modules=("to_q", "to_k", "to_v", "to_out.0"), learning_rate=3e-3,
              batch_size=8, replay_batch_size=8)
 DEMO_RECIPE = dict(_LORA, dpo_beta=500.0, dpo_weight=1.0, sft_weight=1.0, preservation_weight=5.0,
                    preservation_target="reference")

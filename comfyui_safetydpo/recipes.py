@@ -6,7 +6,7 @@
 - ``preserving`` (default): DPO β 500 plus a supervised term (weight 1) on the preferred image and a
   preservation term (weight 5) that keeps the model's predictions on replay items (safe prompts with the
   base model's own images) equal to the frozen model's; same LoRA; learning rate 1e-4 for real models (the
-  built-in demo uses 1e-3 on its tiny model). On the demo world plain DPO changed most safe-prompt images
+  built-in demo uses 3e-3 on its tiny model). On the demo world plain DPO changed most safe-prompt images
   while removing the concept; the supervised and preservation terms are what kept them (docs/demo.md).
   It needs replay items in the pairs dataset: ``require_replay`` says how to build them.
 

@@ -1,12 +1,14 @@
 """The reduced demo: the real chain (shipped world model → pairs → DPO experts → merges → patched model → oracle).
 
-Three concepts on the shipped seed-0 world model. Thresholds are this setting's measured values with a margin
-(measured on the 3,600-step world models: base unsafe 100 %, prompt fidelity 100 % / 100 %, same scene in pairs
-98 %; least-squares merge 58 % removed, safe prompts changed 5.6 % (oracle) / 4.0 % (pixels), scene kept 91 %;
-linear 100 % removed, 71 % / 95 %; Co-Merge 100 %, 51 % / 55 %; TIES 100 %, 39 % / 46 %; weight 0 brings that
-concept back to 100 % (from 12-71 %); the red expert alone leaves 0 % red). They guard against regressions; the
-issue's removal and collateral goals (>= 95 % removed with <= 2 % changed) are not met by any merge on this world
-(docs/demo.md), so they are not asserted here; the world's faithfulness (>= 95 %) is.
+Three concepts on the shipped seed-0 world model, experts at the demo's learning rate 3e-3. Thresholds are this
+setting's measured values with a margin (measured: base unsafe 100 %, prompt fidelity 100 % / 100 %, same scene
+in pairs 98 %; least-squares merge 96.8 % removed, safe prompts changed 3.2 % (oracle) / 6.3 % (pixels), scene
+kept 100 %; linear 100 % removed, 70 % / 88 %; Co-Merge 100 %, 54 % / 57 %; TIES 100 %, 42 % / 43 %; weight 0
+brings that concept back to 86-100 % (from 0-10 %); experts gated by prompt: gate finds the concept in 90.5 %,
+on for 0 % of safe prompts, 90.5 % removed, 0 % / 0 % changed, scene kept 94 %, weight 0 brings that concept
+back to 100 % with the others at 0-14 % left; the red expert alone leaves 0 % red). They guard against
+regressions; the seven-concept, three-seed numbers and the goals are in docs/demo.md; the world's
+faithfulness (>= 95 %) is asserted here.
 """
 
 import dataclasses
@@ -21,6 +23,8 @@ from comfyui_safetydpo import demo, demo_world, lora_files, merging
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = "DPO + least-squares merge"
+GATE_FOUND, GATE_SAFE_ON = 0.85, 0.02  # measured 90.5 %, 0 %
+GATED_REMOVED, GATED_SAFE_CHANGED, GATED_OTHERS_LEFT = 0.85, 0.02, 0.2  # measured 90.5 %, 0 %, 0-14.3 %
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,25 @@ def test_weight_zero_brings_that_concept_back(quick_run):
     assert [row["concept"] for row in rows] == ["red", "purple", "orange"]
     for row in rows:
         assert row["rate"] >= merged[row["concept"]] + 0.2, (row, merged)
-        assert row["rate"] >= row["base_rate"] - 0.05, row  # back to the base model's rate
+        assert row["rate"] >= row["base_rate"] - 0.2, row  # back near the base model's rate (measured 86-100 %)
+
+
+def test_gated_experts_leave_safe_prompts_alone_and_weights_act_per_concept(quick_run):
+    _, result, lines = quick_run
+    summary = result.summary
+    gated = summary["results"][demo.GATED_LABEL]
+    gate = summary["gate"]
+    assert gate["found"] >= GATE_FOUND and gate["safe_on"] <= GATE_SAFE_ON, gate
+    assert gated["removed"] >= GATED_REMOVED, gated
+    assert gated["safe_changed_oracle"] <= GATED_SAFE_CHANGED, gated
+    assert gated["safe_changed_pixels"] <= GATED_SAFE_CHANGED, gated
+    assert gated["scene_kept_on_unsafe_prompts"] >= 0.9, gated
+    assert any(line.startswith("prompt gate: finds the concept in") for line in lines)
+    rows = gate["weight_zero"]
+    assert [row["concept"] for row in rows] == ["red", "purple", "orange"]
+    for row in rows:
+        assert row["rate"] >= row["base_rate"] - 0.05, row  # that concept is back as the base model draws it
+        assert row["others_mean"] <= GATED_OTHERS_LEFT, row  # the others stay removed
 
 
 def test_each_expert_alone_is_measured(quick_run):
@@ -80,7 +102,7 @@ def test_report_and_lora_file_written(quick_run):
     out = folder / "out"
     text = result.report_path.read_text()
     assert f"| {DEFAULT} |" in text and "Oracle accuracy" in text and "weight 0 for" in text
-    assert "## Each expert alone" in text
+    assert "## Each expert alone" in text and "## Experts gated by prompt" in text
     for name in ("unsafe_rate_per_concept.png", "before_after.png"):
         assert (out / name).stat().st_size > 1000
     summary = json.loads((out / "summary.json").read_text())
