@@ -270,7 +270,7 @@ class ComfyUIServer:
 
     # -- process --------------------------------------------------------------------------
     def start(self,
-              timeout: float = float(os.environ.get("SAFETYDPO_COMFYUI_START_TIMEOUT", "120"))) -> "ComfyUIServer":
+              timeout: float = float(os.environ.get("SAFETYDPO_COMFYUI_START_TIMEOUT", "300"))) -> "ComfyUIServer":
         self.prepare()
         env = dict(os.environ)
         env.setdefault("HF_HUB_OFFLINE", "1")
