@@ -19,7 +19,7 @@ def test_test_checkpoints_are_detected_as_sd15_and_sdxl(comfy_inprocess, sd15_ch
 # Every node the pack registers (kept in step with the node modules; a missing one fails the test).
 EXPECTED_NODES = {
     "SafetyDPOLoadExpert", "SafetyDPOMergeExperts", "SafetyDPOComputeCoMergeStatistics",
-    "SafetyDPORecordLeastSquaresStatistics", "SafetyDPOApplyExperts",
+    "SafetyDPORecordLeastSquaresStatistics", "SafetyDPOApplyExperts", "SafetyDPOApplyExpertsByPrompt",
     "SafetyDPOSaveLora", "SafetyDPOTrainExpert", "SafetyDPOBuildSafetyPairs", "SafetyDPOEvaluateSafety",
 }
 
