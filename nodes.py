@@ -140,16 +140,20 @@ def text_lines(text: str) -> list:
     return [line.strip() for line in str(text or "").splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
+def concept_file_pairs(experts: Sequence[SafetyExpert], concept_file: str):
+    """The prompt pairs of an optional concept file in ComfyUI's input folder (none when the widget is empty)."""
+    if not (concept_file and concept_file.strip()):
+        return ()
+    path = bridge.input_file(concept_file, "concept file", MergeError,
+                             "; put the .csv / .yaml / .txt concept list there (columns unsafe_prompt, "
+                             "safe_prompt, category)")
+    return load_concept_file(path, extra_categories=sorted({c for e in experts for c in e.categories}))
+
+
 def least_squares_prompts(experts: Sequence[SafetyExpert], concept_prompts: str, concept_file: str,
                           safe_prompts: str):
     """(prompts per expert name, safe prompts) from 'Category: prompt' lines, a concept file and safe lines."""
-    pairs = ()
-    if concept_file and concept_file.strip():
-        extra = sorted({c for e in experts for c in e.categories})
-        path = bridge.input_file(concept_file, "concept file", MergeError,
-                                 "; put the .csv / .yaml / .txt concept list there (columns unsafe_prompt, "
-                                 "safe_prompt, category)")
-        pairs = load_concept_file(path, extra_categories=extra)
+    pairs = concept_file_pairs(experts, concept_file)
     prompts = least_squares_statistics.merge_prompts(pairs, concept_prompts, text_lines(safe_prompts),
                                                      source="Record Least-Squares Statistics concept_prompts")
     return least_squares_statistics.prompts_per_expert(experts, prompts.concept), prompts.safe
@@ -439,16 +443,6 @@ class ApplySafetyExperts(io.ComfyNode):
         return io.NodeOutput(*bridge.apply_experts(model, clip, check_chain(experts), float(strength)))
 
 
-def gate_reference_pairs(experts: Sequence[SafetyExpert], concept_file: str):
-    """Prompt pairs from an optional concept file, for experts that carry no reference prompts of their own."""
-    if not (concept_file and concept_file.strip()):
-        return ()
-    path = bridge.input_file(concept_file, "concept file", MergeError,
-                             "; put the .csv / .yaml / .txt concept list there (columns unsafe_prompt, "
-                             "safe_prompt, category)")
-    return load_concept_file(path, extra_categories=sorted({c for e in experts for c in e.categories}))
-
-
 class ApplySafetyExpertsByPrompt(io.ComfyNode):
     """Apply Safety Experts by Prompt: each expert only when the prompt carries its concept."""
 
@@ -494,7 +488,7 @@ class ApplySafetyExpertsByPrompt(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, experts, prompt, strength, concept_file="", safe_prompts="") -> io.NodeOutput:
         chain = check_chain(experts)
-        pairs = gate_reference_pairs([c.expert for c in chain], concept_file)
+        pairs = concept_file_pairs([c.expert for c in chain], concept_file)
         model, clip, report = bridge.apply_experts_by_prompt(model, clip, chain, prompt, float(strength), pairs,
                                                              text_lines(safe_prompts))
         return io.NodeOutput(model, clip, report, ui={"text": [report]})

@@ -52,14 +52,18 @@ def gate_metadata(pairs) -> Dict[str, str]:
     return {GATE_PROMPTS_KEY: json.dumps(sample, ensure_ascii=False)} if sample else {}
 
 
+def _no_references(expert_name: str) -> str:
+    return (f"expert {expert_name!r} carries no reference prompts for the prompt gate (experts this pack trains "
+            "store them; older ones and LoRAs from other tools do not): give the concept's prompt pairs instead, as "
+            "a concept file (CSV/YAML/text: unsafe prompt | safe prompt | category) whose categories match the "
+            "expert's")
+
+
 def gate_prompts_from_metadata(metadata: Mapping[str, str], expert_name: str = "expert") -> List[Tuple[str, str]]:
     """The ``(unsafe, safe)`` reference pairs stored in an expert's metadata, or a MergeError saying what to give."""
     raw = metadata.get(GATE_PROMPTS_KEY)
     if not raw:
-        raise MergeError(
-            f"expert {expert_name!r} carries no reference prompts for the prompt gate (experts this pack trains store "
-            "them; older ones and LoRAs from other tools do not): give the concept's prompt pairs instead, as a "
-            "concept file (CSV/YAML/text: unsafe prompt | safe prompt | category) whose categories match the expert's")
+        raise MergeError(_no_references(expert_name))
     try:
         pairs = [(str(unsafe), str(safe)) for unsafe, safe in json.loads(raw)]
     except (ValueError, TypeError) as error:
@@ -229,6 +233,6 @@ def references_for_experts(experts: Sequence[object], pairs: Sequence[object] = 
         chosen = [(p.prompt, p.safe_prompt) for p in pairs
                   if wanted & {c.strip().casefold() for c in p.categories} and p.prompt != p.safe_prompt]
         if not chosen:
-            gate_prompts_from_metadata(expert.metadata, expert.name)  # raises: says what to give
+            raise MergeError(_no_references(expert.name))
         references[expert.name] = list(dict.fromkeys(chosen))
     return references

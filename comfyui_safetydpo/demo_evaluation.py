@@ -128,14 +128,20 @@ def weight_zero_check(bundle, merger: DemoMerger, method: str, experts: Sequence
         result = measure(oracle, unsafe_items, base_images[unsafe_rows], images,
                          [base_readings[i] for i in unsafe_rows])
         concept = next(c.name for c in merger.world.concepts if c.category in expert.categories)
-        others = [rate for name, rate in result["per_concept"].items() if name != concept]
-        row = {"concept": concept, "expert": expert.name, "rate": result["per_concept"][concept],
-               "base_rate": base_per_concept[concept], "others_mean": float(np.mean(others)) if others else 0.0,
-               "others_max": float(max(others)) if others else 0.0}
-        rows.append(row)
-        report(f"  weight 0 for {concept}: {concept} {row['rate']:.0%} (base {row['base_rate']:.0%}), other concepts "
-               f"{row['others_mean']:.1%} on average (max {row['others_max']:.0%})")
+        rows.append(_weight_zero_row(result, concept, expert.name, base_per_concept, "", report))
     return rows
+
+
+def _weight_zero_row(result: Dict[str, object], concept: str, expert_name: str, base_per_concept: Dict[str, float],
+                     label: str, report: Callable[[str], None]) -> Dict[str, object]:
+    """One weight-0 check: that concept's unsafe rate against the base model's, and what the others keep."""
+    others = [rate for name, rate in result["per_concept"].items() if name != concept]
+    row = {"concept": concept, "expert": expert_name, "rate": result["per_concept"][concept],
+           "base_rate": base_per_concept[concept], "others_mean": float(np.mean(others)) if others else 0.0,
+           "others_max": float(max(others)) if others else 0.0}
+    report(f"  {label}weight 0 for {concept}: {concept} {row['rate']:.0%} (base {row['base_rate']:.0%}), other "
+           f"concepts {row['others_mean']:.1%} on average (max {row['others_max']:.0%})")
+    return row
 
 
 def experts_alone_check(bundle, experts: Sequence[SafetyExpert], items: Sequence[EvalItem], base_images: torch.Tensor,
@@ -180,9 +186,9 @@ def demo_gate(bundle, world: dw.DemoWorld, pairs: PreferencePairs, count: Option
 
 def gate_readings(gate: ConceptGate, bundle, items: Sequence[EvalItem]) -> List[List[str]]:
     """The concepts the gate finds in each item's prompt."""
-    encoded = bundle_prompt_encoder(bundle)(list(dict.fromkeys(i.prompt for i in items)))
-    found = {prompt: gate.present(states) for prompt, (states, _) in zip(dict.fromkeys(i.prompt for i in items),
-                                                                          encoded)}
+    prompts = list(dict.fromkeys(i.prompt for i in items))
+    encoded = bundle_prompt_encoder(bundle)(prompts)
+    found = {prompt: gate.present(states) for prompt, (states, _) in zip(prompts, encoded)}
     return [found[i.prompt] for i in items]
 
 
@@ -231,13 +237,7 @@ def gated_weight_zero_check(bundle, experts: Sequence[SafetyExpert], names: Sequ
                               settings, base_images[unsafe_rows])
         result = measure(oracle, unsafe_items, base_images[unsafe_rows], images,
                          [base_readings[i] for i in unsafe_rows])
-        others = [rate for name, rate in result["per_concept"].items() if name != concept]
-        row = {"concept": concept, "expert": experts[index].name, "rate": result["per_concept"][concept],
-               "base_rate": base_per_concept[concept], "others_mean": float(np.mean(others)) if others else 0.0,
-               "others_max": float(max(others)) if others else 0.0}
-        rows.append(row)
-        report(f"  gated, weight 0 for {concept}: {concept} {row['rate']:.0%} (base {row['base_rate']:.0%}), other "
-               f"concepts {row['others_mean']:.1%} on average (max {row['others_max']:.0%})")
+        rows.append(_weight_zero_row(result, concept, experts[index].name, base_per_concept, "gated, ", report))
     return rows
 
 
