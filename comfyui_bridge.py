@@ -472,8 +472,9 @@ def apply_experts(model, clip, chain: Sequence, strength: float):
 
 
 def gate_prompt_encoder(clip) -> concept_gate.PromptEncoder:
-    """Token states of prompts with the graph's CLIP (``concept_gate.PromptEncoder``): the conditioning ComfyUI
-    samples with, one row per token of the first text encoder's tokenizer, start/end/padding left out."""
+    """Token features of prompts with the graph's CLIP (``concept_gate.PromptEncoder``): the conditioning ComfyUI
+    samples with beside the text encoder's input embedding of each token (``concept_gate.token_features``), one row
+    per token of the first text encoder's tokenizer, start/end/padding left out."""
     def encode(prompts: Sequence[str]):
         encoded = []
         for text in prompts:
@@ -484,10 +485,21 @@ def gate_prompt_encoder(clip) -> concept_gate.PromptEncoder:
             count = min(len(flat), states.shape[0])
             words = torch.tensor([len(t) > 2 and int(t[2]) > 0 for t in flat[:count]], dtype=torch.bool)
             ids = torch.tensor([int(t[0]) for t in flat[:count]], dtype=torch.long)
-            encoded.append((states[:count][words], ids[words]))
+            features = concept_gate.token_features(states[:count][words], ids[words], _token_embedding(clip, key))
+            encoded.append((features, ids[words]))
         return encoded
 
     return encode
+
+
+def _token_embedding(clip, key: str) -> torch.Tensor:
+    """The input embedding table of the CLIP text encoder whose tokenizer is ``key`` ("l", "g", "h")."""
+    encoder = getattr(getattr(clip, "cond_stage_model", None), f"clip_{key}", None)
+    transformer = getattr(encoder, "transformer", None)
+    if transformer is None or not hasattr(transformer, "get_input_embeddings"):
+        raise MergeError(f"the prompt gate needs a CLIP text encoder (clip_{key}) with token embeddings; this CLIP "
+                         f"({type(getattr(clip, 'cond_stage_model', clip)).__name__}) has none")
+    return transformer.get_input_embeddings().weight
 
 
 _GATES: Dict[Tuple, concept_gate.ConceptGate] = {}

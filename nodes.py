@@ -452,7 +452,8 @@ class ApplySafetyExpertsByPrompt(io.ComfyNode):
             node_id="SafetyDPOApplyExpertsByPrompt", display_name="Apply Safety Experts by Prompt",
             category=EXPERTS_CATEGORY,
             description=("Applies each safety expert only when the prompt carries its concept, judged from CLIP's "
-                         "token states (a small classifier fitted to the expert's own training prompt pairs, stored "
+                         "token states and token embeddings (a small classifier fitted to the expert's own training "
+                         "prompt pairs, stored "
                          "in experts this pack trains): a safe prompt gets the unchanged model, a prompt with one "
                          "concept gets that concept's expert alone. Merging every expert into every prompt is what "
                          "changed safe prompts on the demo world (docs/demo.md). Feed it the same text as your "

@@ -7,13 +7,15 @@ the prompt show its concept, 0 where they do not. A safe prompt then meets the b
 with one concept meets that concept's expert alone (SPM and CASG report the same effect of applying adapters
 only where their concept is present).
 
-It reads the text encoder's token states, not words: each expert's reference prompt pairs (an unsafe prompt
-and its safe rewrite, stored in the expert's metadata by training) give labelled token states — the tokens
-the rewrite changed, labelled with the expert's concept, and every token of the safe rewrites and of extra
-safe prompts, labelled safe. A prompt token is the concept's when its nearest labelled state (cosine) is one
-of that concept's and closer than every safe one; the expert is on when any token is. Paraphrases and other
-templates reach the same states only as far as the text encoder maps them there, which is what the demo
-measures (held-out templates); a synonym the encoder does not know is missed, as by any text-side gate.
+It reads the text encoder, not the words: each expert's reference prompt pairs (an unsafe prompt and its safe
+rewrite, stored in the expert's metadata by training) give labelled tokens — the tokens the rewrite changed,
+labelled with the expert's concept, and every other token of the pairs and of extra safe prompts, labelled
+safe. Each token is described by the encoder's output state (the conditioning the model samples with, which
+carries the context) beside the encoder's input embedding of the token (what the encoder learned the token
+means, whatever precedes it), and a linear classifier of those features decides per token; the expert is on
+when any token is its concept's. Paraphrases and other templates reach the same features only as
+far as the encoder maps them there, which is what the demo measures (held-out templates); a synonym the encoder
+does not place near its concept word is missed, as by any text-side gate.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ GATE_PROMPTS_KEY = "safetydpo_gate_prompts"
 MAX_GATE_PROMPTS = 64
 
 TokenStates = Tuple[torch.Tensor, torch.Tensor]
-"""One prompt as the text encoder sees it: states ``[tokens, width]`` and token ids ``[tokens]`` (no padding)."""
+"""One prompt as the text encoder sees it: features ``[tokens, width]`` and token ids ``[tokens]`` (no padding)."""
 PromptEncoder = Callable[[Sequence[str]], List[TokenStates]]
 
 
@@ -91,7 +93,7 @@ def _changed_positions(ids: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 
 @dataclasses.dataclass
 class ConceptGate:
-    """A linear classifier of token states: each concept, or "not a concept marker"."""
+    """A linear classifier of token features: each concept, or "not a concept marker"."""
 
     concepts: List[str]
     mean: torch.Tensor  # [width]: states are standardised with the references' mean and spread
@@ -186,10 +188,21 @@ def build_concept_gate(encode: PromptEncoder, references: Mapping[str, Sequence[
     return gate
 
 
+def token_features(states: torch.Tensor, ids: torch.Tensor, token_embedding: torch.Tensor) -> torch.Tensor:
+    """``[tokens, width + embedding width]``: each token's output state beside the encoder's input embedding of it.
+
+    The output state alone misread concept words after lead-ins the references never used (the demo world's
+    seed 1 read "an image showing a olive …" as brown); with the embedding beside it every held-out template
+    was read right on three seeds (docs/demo.md)."""
+    rows = token_embedding[ids.to(token_embedding.device)].detach().float().cpu()
+    return torch.cat([states.float().cpu(), rows], dim=-1)
+
+
 def bundle_prompt_encoder(bundle) -> PromptEncoder:
-    """A ``PromptEncoder`` over a ``DiffusionBundle``: its cross-attention states with the first tokenizer's ids,
-    padding left out."""
+    """A ``PromptEncoder`` over a ``DiffusionBundle``: its cross-attention states beside the first text encoder's
+    token embeddings, with the first tokenizer's ids, padding left out."""
     tokenizer = bundle.tokenizers[0]
+    embedding = bundle.text_encoders[0].get_input_embeddings().weight
 
     def encode(prompts: Sequence[str]) -> List[TokenStates]:
         if not prompts:
@@ -198,7 +211,8 @@ def bundle_prompt_encoder(bundle) -> PromptEncoder:
                            truncation=True, return_tensors="pt")
         states = bundle.encode_prompts(list(prompts)).encoder_hidden_states.float().cpu()
         keep = tokens.attention_mask.bool()
-        return [(states[row][keep[row]], tokens.input_ids[row][keep[row]]) for row in range(len(prompts))]
+        return [(token_features(states[row][keep[row]], tokens.input_ids[row][keep[row]], embedding),
+                 tokens.input_ids[row][keep[row]]) for row in range(len(prompts))]
 
     return encode
 

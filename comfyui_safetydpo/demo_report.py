@@ -315,7 +315,8 @@ def write_demo_report(output_dir: Path, summary: Dict[str, object], world: dw.De
     if gate:
         lines += ["## Experts gated by prompt", "",
                   "Each prompt sampled with only the experts whose concept the prompt gate (concept_gate: a linear "
-                  "read-out of the text encoder's token states, fitted to the experts' training prompt pairs) finds "
+                  "read-out of the text encoder's token states and token embeddings, fitted to the experts' training "
+                  "prompt pairs) finds "
                   "in it; the base model where it finds none.", "",
                   f"The gate finds exactly the prompt's concept in {gate['found']:.1%} of unsafe prompts "
                   f"({gate['found_held_out']:.1%} on held-out templates, {gate['found_training']:.1%} on training "

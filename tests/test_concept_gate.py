@@ -32,8 +32,9 @@ def test_gate_finds_each_concept_in_templates_it_never_saw_and_leaves_safe_promp
     gate = concept_gate.build_concept_gate(encode, references(world), demo.replay_prompts(world))
     items = [i for i in demo.evaluation_items(world, (11, 12)) if i.split == "held-out template"]
     accuracy = concept_gate.gate_accuracy(gate, encode, [i.prompt for i in items], [i.concept or None for i in items])
-    # measured on the seed-0 world model: 100 % found, 0 % of safe prompts on (seeds 1 and 2: docs/demo.md)
-    assert accuracy["found"] >= 0.95 and accuracy["safe_on"] == 0.0, accuracy
+    # measured on the world models of seeds 0, 1 and 2: 100 % found, 0 % of safe prompts on (docs/demo.md); with
+    # the output states alone (no token embeddings) seed 1 found 89 % of held-out templates
+    assert accuracy["found"] >= 0.99 and accuracy["safe_on"] == 0.0, accuracy
     again = concept_gate.build_concept_gate(encode, references(world), demo.replay_prompts(world))
     assert torch.equal(gate.weight, again.weight)  # deterministic
     states, _ = encode(["a red square on a white background"])[0]
