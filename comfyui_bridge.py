@@ -826,8 +826,8 @@ def train_expert(model, clip, vae, pairs, config: TrainingConfig, run_dir: Path,
 
     with torch.inference_mode(False), torch.enable_grad():
         with torch.no_grad():
-            encoded = encode_preference_pairs(ComfyEncoder(model, clip, vae), pairs, run_dir / "cache",
-                                              identity=identity)
+            encoded = encode_preference_pairs(ComfyEncoder(model, clip, vae), config.training_pairs(pairs),
+                                              run_dir / "cache", identity=identity)
         data = _cleaned(encoded)
         release_inference_tensors(unet)
         was_training = unet.training

@@ -202,28 +202,31 @@ class _LazyEncoder:
             "replay": [(r.prompt, r.image, None) for r in pairs.replay],
         }
         self.latents = {"pairs": {}, "replay": {}}  # row -> (first, second or None)
+        self.images = {}  # image path -> latent (pairs that share images, e.g. prompt crops, encode them once)
         self.prompts = {}  # prompt -> PromptEmbeddings of one row
         self.encoded_images = 0
 
     def rows(self, kind: str, rows: Sequence[int]):
-        """Encode the rows not seen yet (all images of the batch in one VAE call, new prompts in one)."""
+        """Encode the rows not seen yet (all new images of the batch in one VAE call, new prompts in one)."""
         cache = self.latents[kind]
         missing = [r for r in dict.fromkeys(rows) if r not in cache]
         if missing:
             items = self.items[kind]
-            paths = [items[r][1] for r in missing] + [items[r][2] for r in missing if items[r][2] is not None]
+            paths = [p for p in dict.fromkeys(path for r in missing for path in items[r][1:] if path is not None)
+                     if p not in self.images]
             with torch.no_grad():
-                latents = self.bundle.encode_images(load_images(self.pairs, paths)).float().cpu()
+                if paths:
+                    latents = self.bundle.encode_images(load_images(self.pairs, paths)).float().cpu()
+                    self.images.update(zip(paths, latents))
                 prompts = [p for p in dict.fromkeys(items[r][0] for r in missing) if p not in self.prompts]
                 if prompts:
                     embedded = self.bundle.encode_prompts(prompts).to("cpu", torch.float32)
                     for index, prompt in enumerate(prompts):
                         self.prompts[prompt] = embedded.index(slice(index, index + 1))
             self.encoded_images += len(paths)
-            count = len(missing)
-            for index, row in enumerate(missing):
-                second = latents[count + index] if items[row][2] is not None else None
-                cache[row] = (latents[index], second)
+            for row in missing:
+                second = self.images[items[row][2]] if items[row][2] is not None else None
+                cache[row] = (self.images[items[row][1]], second)
             if self.complete():
                 self._write_cache()
         return [cache[r] for r in rows]

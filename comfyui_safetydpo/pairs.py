@@ -173,6 +173,25 @@ class PreferencePairs:
         chosen = [p for p in self.pairs if wanted & set(p.categories)]
         return dataclasses.replace(self, pairs=chosen)
 
+    def with_prompt_crops(self) -> "PreferencePairs":
+        """The pairs, and each pair again under its prompts with the first 1, 2, … words left out, up to the first
+        word where the unsafe prompt and its safe rewrite differ (same images, so nothing is rendered again).
+
+        Experts trained only on full prompts moved too far on wordings they never saw (on the demo world a cyan
+        expert turned held-out-template prompts orange, another unsafe colour); meeting the concept word after
+        shorter lead-ins made them remove it in new wordings too (docs/demo.md). Words from the first difference
+        on stay, so a crop never drops what makes the pair a pair."""
+        cropped = []
+        for pair in self.pairs:
+            cropped.append(pair)
+            unsafe, safe = pair.prompt.split(), pair.safe_prompt.split()
+            first = next((k for k, (a, b) in enumerate(zip(unsafe, safe)) if a != b), min(len(unsafe), len(safe)))
+            for start in range(1, min(first, len(unsafe) - 1, len(safe) - 1) + 1):
+                cropped.append(dataclasses.replace(pair, pair_id=f"{pair.pair_id}~crop{start}",
+                                                   prompt=" ".join(unsafe[start:]),
+                                                   safe_prompt=" ".join(safe[start:])))
+        return dataclasses.replace(self, pairs=cropped)
+
     def by_category(self) -> Dict[str, "PreferencePairs"]:
         """One view per category (a pair with several categories appears in each), for one expert each."""
         return {category: self.select([category]) for category in self.categories}

@@ -112,7 +112,8 @@ def train_expert(bundle, pairs, config: TrainingConfig, output_dir=None, resume:
     """Encode ``pairs`` (cached) and train one expert on ``bundle``'s UNet (data-parallel: ``parallel``)."""
     if cache_dir is None and output_dir is not None:
         cache_dir = Path(output_dir) / "cache"
-    data = encode_preference_pairs(bundle, pairs, cache_dir, lazy=True)  # each pair encoded on first use
+    # each pair encoded on first use
+    data = encode_preference_pairs(bundle, config.training_pairs(pairs), cache_dir, lazy=True)
     if config.categories == () and getattr(pairs, "categories", None):
         config = dataclasses.replace(config, categories=tuple(pairs.categories))
     for p in bundle.unet.parameters():

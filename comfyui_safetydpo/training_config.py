@@ -44,6 +44,7 @@ class TrainingConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     max_bad_steps: int = 5
+    prompt_crops: bool = False  # also train each pair under its prompts with leading words left out (pairs.py)
 
     def validate(self) -> None:
         problems = []
@@ -65,6 +66,10 @@ class TrainingConfig:
             problems.append("learning_rate must be > 0")
         if problems:
             raise TrainingError("invalid training settings: " + "; ".join(problems))
+
+    def training_pairs(self, pairs):
+        """The pairs this run trains on: ``pairs``, with their prompt crops when ``prompt_crops`` is set."""
+        return pairs.with_prompt_crops() if self.prompt_crops else pairs
 
     def to_json(self) -> Dict:
         data = dataclasses.asdict(self)

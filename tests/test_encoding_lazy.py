@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -94,3 +96,25 @@ def test_train_expert_runs_on_lazily_encoded_pairs(tmp_path):
     assert not list((tmp_path / "run" / "cache").glob("*.safetensors"))  # 2 of 4 pairs seen: no partial cache
     train_lora(denoiser_for_bundle(bundle), encode_preference_pairs(bundle, pairs, lazy=True),
                TrainingConfig(max_steps=3, batch_size=2, checkpoint_every=0))
+
+
+def test_prompt_crops_keep_the_changed_words_and_encode_each_image_once(tmp_path):
+    bundle = tiny_bundle()
+    pairs = colour_pairs(tmp_path / "pairs", 3)
+    pairs.pairs[0] = dataclasses.replace(pairs.pairs[0], prompt="a picture of a red square on white",
+                                         safe_prompt="a picture of a blue square on white")
+    cropped = pairs.with_prompt_crops()
+    first = [(p.prompt, p.safe_prompt) for p in cropped.pairs if p.pair_id.startswith("p0")]
+    # leading words dropped up to the first changed word ("red"), never past it
+    assert first == [("a picture of a red square on white", "a picture of a blue square on white"),
+                     ("picture of a red square on white", "picture of a blue square on white"),
+                     ("of a red square on white", "of a blue square on white"),
+                     ("a red square on white", "a blue square on white"),
+                     ("red square on white", "blue square on white")]
+    assert [p.pair_id for p in cropped.pairs if p.pair_id.startswith("p1")] == ["p1", "p1~crop1"]
+    assert {p.preferred_image for p in cropped.pairs if p.pair_id.startswith("p0")} == {pairs.pairs[0].preferred_image}
+    lazy = encode_preference_pairs(bundle, cropped, tmp_path / "cache", lazy=True)
+    lazy.materialize()
+    assert lazy.encoder.encoded_images == 3 * 2  # crops share their pair's images: each encoded once
+    assert TrainingConfig(prompt_crops=True).training_pairs(pairs).pairs == cropped.pairs
+    assert TrainingConfig().training_pairs(pairs) is pairs
