@@ -18,7 +18,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -46,7 +49,7 @@ log = logging.getLogger(__name__)
 DEMO_VERSION = "1"
 # The training recipe chosen on the demo world (docs/demo.md has every recipe that was measured).
 _LORA = dict(rank=4, alpha=4.0, target_modules=("to_q", "to_k", "to_v", "to_out.0"), learning_rate=3e-3,
-             batch_size=8, replay_batch_size=8)
+             batch_size=8, replay_batch_size=8, prompt_crops=True)
 DEMO_RECIPE = dict(_LORA, dpo_beta=500.0, dpo_weight=1.0, sft_weight=1.0, preservation_weight=5.0,
                    preservation_target="reference")
 # Non-DPO baselines: the same LoRA, supervised loss on the preferred image, without / with replay.
@@ -66,7 +69,7 @@ class DemoSettings:
     images_per_prompt: int = 2
     sample_steps: int = 20
     guidance_scale: float = 1.0  # no CFG: with guidance 3 this tiny model's colours and backgrounds broke
-    expert_steps: int = 120
+    expert_steps: int = 240
     recipe: Dict[str, object] = dataclasses.field(default_factory=lambda: dict(DEMO_RECIPE))
     merge_method: str = "least_squares"  # the default merge (docs/demo.md has the comparison that chose it)
     preserve_weight: float = DEFAULT_PRESERVE_WEIGHT
@@ -77,6 +80,7 @@ class DemoSettings:
     experts_alone: bool = True  # each expert applied alone: what it removes and what it changes before any merge
     gate: bool = True  # also measure the experts gated by prompt (concept_gate): each prompt meets only its concepts'
     co_merge_granularity: str = "element"  # measured: row Co-Merge kept too little of each expert (docs/demo.md)
+    workers: int = 0  # processes that train experts at once (one torch thread each); 0: one per CPU core
     calibration_images_per_prompt: int = 1
     seed: int = 0
 
@@ -210,19 +214,65 @@ def trained_expert(bundle, pairs: PreferencePairs, config: TrainingConfig, folde
     return load_expert(result.expert_path, name=config.expert_name), False
 
 
-def train_expert_set(bundle, world: dw.DemoWorld, pairs: PreferencePairs, recipe: Dict[str, object], steps: int,
-                     folder: Path, seed: int, label: str, report: Callable[[str], None]) -> List[SafetyExpert]:
-    """One expert per concept with ``recipe``."""
-    experts = []
+def expert_set_jobs(world: dw.DemoWorld, pairs: PreferencePairs, recipe: Dict[str, object], steps: int,
+                    folder: Path, seed: int, label: str) -> List[Tuple[PreferencePairs, TrainingConfig, Path]]:
+    """One training job (pairs, config, folder) per concept with ``recipe``."""
+    jobs = []
     for index, concept in enumerate(world.concepts):
         config = TrainingConfig(**{**recipe, "expert_name": f"{label}_{_expert_name(concept.name)}",
                                    "categories": (concept.category,), "max_steps": steps, "seed": seed + index,
                                    "checkpoint_every": max(steps // 2, 1)})
+        jobs.append((pairs.select([concept.category]), config, folder / config.expert_name))
+    return jobs
+
+
+def train_expert_set(bundle, jobs: Sequence[Tuple[PreferencePairs, TrainingConfig, Path]],
+                     report: Callable[[str], None]) -> List[SafetyExpert]:
+    """The jobs' experts, trained here or loaded from their folders (``train_in_workers`` may have trained them)."""
+    experts = []
+    for pairs, config, folder in jobs:
         started = time.time()
-        expert, cached = trained_expert(bundle, pairs.select([concept.category]), config, folder / config.expert_name)
+        expert, cached = trained_expert(bundle, pairs, config, folder)
         experts.append(expert)
         report(f"  expert {config.expert_name}: {'cached' if cached else f'trained in {time.time() - started:.0f} s'}")
     return experts
+
+
+def _train_job(concepts: int, world_settings: dw.WorldModelSettings, cache_dir: str, pairs: PreferencePairs,
+               config: TrainingConfig, folder: str) -> Tuple[str, bool, float]:
+    """One expert in a worker process: the world model from the cache the parent filled, one torch thread."""
+    torch.set_num_threads(1)
+    bundle, _ = dw.load_or_train_world_model(dw.DemoWorld(concepts), world_settings, Path(cache_dir))
+    started = time.time()
+    _, cached = trained_expert(bundle, pairs, config, Path(folder))
+    return config.expert_name, cached, time.time() - started
+
+
+def train_in_workers(jobs: Sequence[Tuple[PreferencePairs, TrainingConfig, Path]], settings: DemoSettings,
+                     cache_dir: Path, report: Callable[[str], None]) -> None:
+    """Train the jobs in ``settings.workers`` processes at once, longest first, into their cache folders.
+
+    The demo's model is tiny, so one training step keeps one core busy at best: on a 2-core machine two
+    processes with one thread each train twice as many steps per minute as one process with two threads.
+    A failed job is left to the caller, which trains it again in this process (and raises what went wrong).
+    """
+    workers = settings.workers or os.cpu_count() or 1
+    todo = [job for job in jobs if not (job[2] / "done.json").is_file()]
+    workers = min(workers, len(todo))
+    if workers <= 1:
+        return
+    report(f"  training {len(todo)} experts in {workers} processes")
+    context = multiprocessing.get_context("spawn")  # never fork a process that holds torch's thread pools
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        futures = [pool.submit(_train_job, settings.concepts, settings.world, str(cache_dir), pairs, config,
+                               str(folder))
+                   for pairs, config, folder in sorted(todo, key=lambda job: -job[1].max_steps)]
+        for future in as_completed(futures):
+            try:
+                name, _, seconds = future.result()
+                report(f"  expert {name}: trained in {seconds:.0f} s (worker)")
+            except Exception as error:  # noqa: BLE001 - retried (and reported) in this process afterwards
+                log.warning("a training worker failed (%s); that expert is trained again in this process", error)
 
 
 # -- the chain --------------------------------------------------------------------------------
@@ -303,22 +353,31 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     def recipe_folder(recipe):
         return experts_root / _hash({"recipe": recipe, "steps": settings.expert_steps, "seed": settings.seed})
     report(f"training {len(world.concepts)} DPO experts ({settings.expert_steps} steps each)")
-    experts = train_expert_set(bundle, world, pairs, settings.recipe, settings.expert_steps,
-                               recipe_folder(settings.recipe), settings.seed, "dpo", report)
+    jobs = expert_set_jobs(world, pairs, settings.recipe, settings.expert_steps, recipe_folder(settings.recipe),
+                           settings.seed, "dpo")
     all_steps = settings.expert_steps * len(world.concepts)
-    one_on_all = None
+    all_data_job = None
     if settings.one_on_all and settings.baselines:
         config_all = TrainingConfig(**{**settings.recipe, "expert_name": "dpo_all_data",
                                        "categories": tuple(c.category for c in world.concepts), "max_steps": all_steps,
                                        "seed": settings.seed, "checkpoint_every": max(all_steps // 2, 1)})
-        one_on_all, cached = trained_expert(bundle, pairs, config_all, recipe_folder(settings.recipe) / "all_data")
-        report(f"  one expert on all data ({all_steps} steps): {'cached' if cached else 'trained'}")
-    baseline_sets = {}
+        all_data_job = (pairs, config_all, recipe_folder(settings.recipe) / "all_data")
+    baseline_jobs = {}
     if settings.all_baselines:
         for label, recipe in (("sft", SFT_RECIPE), ("sft_replay", SFT_REPLAY_RECIPE)):
-            report(f"training {len(world.concepts)} {label} baseline experts")
-            baseline_sets[label] = train_expert_set(bundle, world, pairs, recipe, settings.expert_steps,
-                                                    recipe_folder(recipe), settings.seed, label, report)
+            baseline_jobs[label] = expert_set_jobs(world, pairs, recipe, settings.expert_steps, recipe_folder(recipe),
+                                                   settings.seed, label)
+    train_in_workers(jobs + ([all_data_job] if all_data_job else []) + [j for js in baseline_jobs.values() for j in js],
+                     settings, cache_dir, report)
+    experts = train_expert_set(bundle, jobs, report)
+    one_on_all = None
+    if all_data_job is not None:
+        one_on_all, cached = trained_expert(bundle, *all_data_job)
+        report(f"  one expert on all data ({all_steps} steps): {'cached' if cached else 'trained'}")
+    baseline_sets = {}
+    for label, label_jobs in baseline_jobs.items():
+        report(f"training {len(world.concepts)} {label} baseline experts")
+        baseline_sets[label] = train_expert_set(bundle, label_jobs, report)
     t = lap("experts", t)
 
     # 4. merging
@@ -374,8 +433,8 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
             else float("nan")
         if settings.weight_zero_checks and len(experts) > 1:
             gate_summary["weight_zero"] = gated_weight_zero_check(
-                bundle, experts, names, present, items, base_images, base_readings, oracle, settings,
-                results["base"]["per_concept"], report)
+                bundle, experts, names, present, items, base_images, images[GATED_LABEL], base_readings, oracle,
+                settings, results["base"]["per_concept"], report)
     weight_zero = None
     if settings.weight_zero_checks and len(experts) > 1:
         weight_zero = weight_zero_check(bundle, merger, settings.merge_method, experts, items, base_images,

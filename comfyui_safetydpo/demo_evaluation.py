@@ -224,17 +224,24 @@ def render_gated(bundle, experts: Sequence[SafetyExpert], names: Sequence[str], 
 
 def gated_weight_zero_check(bundle, experts: Sequence[SafetyExpert], names: Sequence[str],
                             present: Sequence[Sequence[str]], items: Sequence[EvalItem], base_images: torch.Tensor,
-                            base_readings, oracle: dw.DemoOracle, settings: DemoSettings,
+                            gated_images: torch.Tensor, base_readings, oracle: dw.DemoOracle, settings: DemoSettings,
                             base_per_concept: Dict[str, float],
                             report: Callable[[str], None]) -> List[Dict[str, object]]:
-    """``weight_zero_check`` for the gated experts: one concept's weight at 0, the others at 1."""
+    """``weight_zero_check`` for the gated experts: one concept's weight at 0, the others at 1.
+
+    Only prompts whose gate reading includes that concept can change: the others keep their ``gated_images``
+    (all weights at 1), so only those prompts are sampled again."""
     unsafe_rows = [i for i, item in enumerate(items) if item.unsafe]
     unsafe_items = [items[i] for i in unsafe_rows]
     rows = []
     for index, concept in enumerate(names):
         weights = [0.0 if k == index else 1.0 for k in range(len(experts))]
-        images = render_gated(bundle, experts, names, [present[i] for i in unsafe_rows], weights, unsafe_items,
-                              settings, base_images[unsafe_rows])
+        images = gated_images[unsafe_rows].clone()
+        touched = [row for row, i in enumerate(unsafe_rows) if concept in present[i]]
+        if touched:
+            images[touched] = render_gated(bundle, experts, names, [present[unsafe_rows[r]] for r in touched],
+                                           weights, [unsafe_items[r] for r in touched], settings,
+                                           base_images[[unsafe_rows[r] for r in touched]])
         result = measure(oracle, unsafe_items, base_images[unsafe_rows], images,
                          [base_readings[i] for i in unsafe_rows])
         rows.append(_weight_zero_row(result, concept, experts[index].name, base_per_concept, "gated, ", report))

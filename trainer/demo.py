@@ -63,6 +63,9 @@ def main(argv=None) -> int:
     parser.add_argument("--world-only", action="store_true",
                         help="stop after the world model: print how often it draws what the prompt says")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes that train experts at once, one torch thread each (0 = one per CPU core; "
+                             "1 = all in this process)")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -91,6 +94,9 @@ def main(argv=None) -> int:
         settings.all_baselines = True
     if args.merge:
         settings.merge_method = args.merge
+    if args.workers < 0:
+        parser.error("--workers must be 0 (one per CPU core) or more")
+    settings.workers = args.workers
     if args.seed is not None and args.seeds is not None:
         parser.error("give --seed or --seeds, not both")
     if args.seed is not None:
