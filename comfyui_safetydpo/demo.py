@@ -75,9 +75,9 @@ class DemoSettings:
     preserve_weight: float = DEFAULT_PRESERVE_WEIGHT
     baselines: bool = True  # Co-Merge (element), linear, TIES, one expert on all data
     all_baselines: bool = False  # also Co-Merge (row) and the supervised (non-DPO) experts
-    one_on_all: bool = True
+    one_on_all: bool = False  # one expert on all data (as many steps as all experts together); --all-checks
     weight_zero_checks: bool = True  # each concept's weight at 0 in turn: does only that concept come back?
-    experts_alone: bool = True  # each expert applied alone: what it removes and what it changes before any merge
+    experts_alone: bool = False  # each expert applied alone: what it removes and changes before any merge; --all-checks
     gate: bool = True  # also measure the experts gated by prompt (concept_gate): each prompt meets only its concepts'
     co_merge_granularity: str = "element"  # measured: row Co-Merge kept too little of each expert (docs/demo.md)
     workers: int = 0  # processes that train experts at once (one torch thread each); 0: one per CPU core
@@ -109,7 +109,8 @@ def quick_settings() -> DemoSettings:
     Preservation weight 1 instead of 5: with 100 steps, weight 5 removed too little on three concepts.
     """
     return DemoSettings(concepts=3, images_per_prompt=2, sample_steps=10, expert_steps=100,
-                        recipe=dict(DEMO_RECIPE, preservation_weight=1.0), all_baselines=False, one_on_all=False)
+                        recipe=dict(DEMO_RECIPE, preservation_weight=1.0), all_baselines=False, one_on_all=False,
+                        experts_alone=True)
 
 
 def _hash(value) -> str:

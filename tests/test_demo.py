@@ -152,5 +152,5 @@ def test_cli_help():
                          timeout=120)
     assert out.returncode == 0
     for flag in ("--output", "--cache", "--concepts", "--quick", "--fresh", "--seed", "--seeds", "--retrain-world",
-                 "--all-baselines", "--world-only"):
+                 "--all-baselines", "--all-checks", "--workers", "--world-only"):
         assert flag in out.stdout
