@@ -34,7 +34,8 @@ from .concepts import PromptPair
 from .demo_evaluation import (GATED_LABEL, attribute_fidelity, demo_gate, evaluation_items,
                               experts_alone_check, gate_accuracy_by_split, gate_readings, gated_weight_zero_check,
                               measure, measure_pairs, prompt_fidelity, render_gated, render_variant, safe_scenes,
-                              sample_batched, scaling_curve, weight_zero_check)
+                              sample_batched, scaling_curve, synonym_check, weight_zero_check)
+from .demo_synonyms import nearest_words, synonym_bundle, synonyms_for
 from .expert import SafetyExpert
 from .lora_files import load_expert, save_expert
 from .least_squares_merge import DEFAULT_PRESERVE_WEIGHT, merge_least_squares, record_statistics
@@ -78,6 +79,7 @@ class DemoSettings:
     one_on_all: bool = False  # one expert on all data (as many steps as all experts together); --all-checks
     weight_zero_checks: bool = True  # each concept's weight at 0 in turn: does only that concept come back?
     experts_alone: bool = False  # each expert applied alone: what it removes and changes before any merge; --all-checks
+    synonyms: bool = False  # the gate on synonyms the world model learns afterwards (demo_synonyms); --all-checks
     gate: bool = True  # also measure the experts gated by prompt (concept_gate): each prompt meets only its concepts'
     co_merge_granularity: str = "element"  # measured: row Co-Merge kept too little of each expert (docs/demo.md)
     workers: int = 0  # processes that train experts at once (one torch thread each); 0: one per CPU core
@@ -110,7 +112,7 @@ def quick_settings() -> DemoSettings:
     """
     return DemoSettings(concepts=3, images_per_prompt=2, sample_steps=10, expert_steps=100,
                         recipe=dict(DEMO_RECIPE, preservation_weight=1.0), all_baselines=False, one_on_all=False,
-                        experts_alone=True)
+                        experts_alone=True, synonyms=True)
 
 
 def _hash(value) -> str:
@@ -432,6 +434,15 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
         results[GATED_LABEL]["unsafe_ci"] = [low, high]
         results[GATED_LABEL]["removed"] = 1.0 - results[GATED_LABEL]["unsafe_rate"] / base_rate if base_rate > 0 \
             else float("nan")
+        if settings.synonyms and synonyms_for(world):
+            learned, synonyms = synonym_bundle(bundle, world, cache_dir, model_key, settings.seed)
+            check = synonym_check(learned, gate, experts, names, items, synonyms, oracle, settings)
+            check["nearest_word"] = nearest_words(learned, list(synonyms.values()), world.vocabulary[1:])
+            gate_summary["synonyms"] = check
+            report(f"synonyms ({', '.join(f'{w} for {c}' for c, w in synonyms.items())}; learned by the world model "
+                   f"afterwards, in no reference): the base model draws them as the concept in "
+                   f"{check['drawn_as_concept']:.1%}, the gate finds the concept in {check['found']:.1%}, the gated "
+                   f"experts remove {check['removed']:.1%} (scenes kept {check['scene_kept_on_unsafe_prompts']:.1%})")
         if settings.weight_zero_checks and len(experts) > 1:
             gate_summary["weight_zero"] = gated_weight_zero_check(
                 bundle, experts, names, present, items, base_images, images[GATED_LABEL], base_readings, oracle,

@@ -248,6 +248,29 @@ def gated_weight_zero_check(bundle, experts: Sequence[SafetyExpert], names: Sequ
     return rows
 
 
+def synonym_check(synonym_bundle, gate: ConceptGate, experts: Sequence[SafetyExpert], names: Sequence[str],
+                  items: Sequence[EvalItem], synonyms: Dict[str, str], oracle: dw.DemoOracle,
+                  settings: DemoSettings) -> Dict[str, object]:
+    """The gate and the gated experts on the unsafe prompts of ``items`` with the concept word replaced by its
+    synonym (``demo_synonyms``), a word that neither the gate's references nor the experts' pairs contain."""
+    renamed = [dataclasses.replace(item, prompt=" ".join(synonyms[item.concept] if word == item.concept else word
+                                                         for word in item.prompt.split()))
+               for item in items if item.unsafe and item.concept in synonyms]
+    base = render_variant(synonym_bundle, None, renamed, settings)
+    readings = [oracle.read(image) for image in base]
+    present = gate_readings(gate, synonym_bundle, renamed)
+    accuracy = gate_accuracy_by_split(renamed, present)
+    gated = render_gated(synonym_bundle, experts, names, present, [1.0] * len(experts), renamed, settings, base)
+    result = measure(oracle, renamed, base, gated, readings)
+    base_rate = float(np.mean([r["colour"] in oracle.world.unsafe_colours for r in readings]))
+    return {"synonyms": dict(synonyms), "prompts": len(renamed),
+            "drawn_as_concept": float(np.mean([r["colour"] == i.concept for r, i in zip(readings, renamed)])),
+            "found": accuracy["found"], "found_held_out": accuracy["found_held_out"],
+            "base_unsafe_rate": base_rate, "unsafe_rate": result["unsafe_rate"],
+            "removed": 1.0 - result["unsafe_rate"] / base_rate if base_rate > 0 else float("nan"),
+            "scene_kept_on_unsafe_prompts": result["scene_kept_on_unsafe_prompts"]}
+
+
 def scaling_curve(bundle, world: dw.DemoWorld, oracle: dw.DemoOracle, experts: Sequence[SafetyExpert],
                   one_on_all: Optional[SafetyExpert], merger: DemoMerger, settings: DemoSettings,
                   report: Callable[[str], None], pairs: Optional[PreferencePairs] = None) -> List[Dict[str, object]]:

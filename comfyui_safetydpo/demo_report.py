@@ -51,6 +51,11 @@ def aggregate_seeds(runs: Dict[int, Dict[str, object]]) -> Dict[str, object]:
         gate = {key: _spread([g[key] for g in gates]) for key in ("found", "found_held_out", "safe_on")}
         gate["weight_zero"] = _weight_zero_spread([row for g in gates for row in (g.get("weight_zero") or [])])
         gate["variant"] = GATED_LABEL
+        checks = [g["synonyms"] for g in gates if g.get("synonyms")]
+        if len(checks) == len(seeds):
+            gate["synonyms"] = {key: _spread([c[key] for c in checks])
+                                for key in ("drawn_as_concept", "found", "removed", "scene_kept_on_unsafe_prompts")}
+            gate["synonyms"]["words"] = checks[0]["synonyms"]
     alone_rows = [row for s in seeds for row in (runs[s].get("experts_alone") or [])]
     experts_alone = None
     if alone_rows:
@@ -124,6 +129,15 @@ def seeds_markdown(aggregate: Dict[str, object]) -> str:
         lines += ["", f"Prompt gate ({gate['variant']}): finds exactly the prompt's concept in {cell(gate['found'])} "
                   f"of unsafe prompts ({cell(gate['found_held_out'])} on the held-out templates, whose wording no "
                   f"reference prompt uses); turns an expert on for {cell(gate['safe_on'])} of safe prompts."]
+        synonyms = gate.get("synonyms")
+        if synonyms:
+            words = ", ".join(f"{w} for {c}" for c, w in synonyms["words"].items())
+            lines += ["", f"Synonyms ({words}: words the world model learned after its training, by textual "
+                      f"inversion; no reference prompt and no training pair holds them): the base model draws them as "
+                      f"the concept in {cell(synonyms['drawn_as_concept'])} of unsafe prompts; the gate finds the "
+                      f"concept in {cell(synonyms['found'])}; the gated experts remove "
+                      f"{cell(synonyms['removed'])} (shape and background kept "
+                      f"{cell(synonyms['scene_kept_on_unsafe_prompts'])})."]
     for variant, zero in ((aggregate["default_variant"], aggregate["weight_zero"]),
                           (gate["variant"] if gate else None, gate["weight_zero"] if gate else None)):
         row = aggregate["table"].get(variant) if variant else None
@@ -321,6 +335,16 @@ def write_demo_report(output_dir: Path, summary: Dict[str, object], world: dw.De
                   f"The gate finds exactly the prompt's concept in {gate['found']:.1%} of unsafe prompts "
                   f"({gate['found_held_out']:.1%} on held-out templates, {gate['found_training']:.1%} on training "
                   f"templates) and turns an expert on for {gate['safe_on']:.1%} of safe prompts."]
+        synonyms = gate.get("synonyms")
+        if synonyms:
+            words = ", ".join(f"{w} for {c}" for c, w in synonyms["synonyms"].items())
+            lines += ["", f"On unsafe prompts that name the concept by a synonym ({words}; learned by the world model "
+                      "after its training, by textual inversion; no reference prompt and no training pair holds "
+                      f"them): the base model draws the concept in {synonyms['drawn_as_concept']:.1%}, the gate finds "
+                      f"it in {synonyms['found']:.1%} ({synonyms['found_held_out']:.1%} on held-out templates), the "
+                      f"gated experts remove {synonyms['removed']:.1%} with shapes and backgrounds kept in "
+                      f"{synonyms['scene_kept_on_unsafe_prompts']:.1%}. Each synonym's input embedding lies closest "
+                      "to: " + ", ".join(f"{w} → {n}" for w, n in synonyms["nearest_word"].items()) + "."]
         if gate.get("missed"):
             lines += ["", "Prompts it misread (up to 20): " + "; ".join(f"`{p}`" for p in gate["missed"])]
         lines.append("")

@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = "DPO + least-squares merge"
 GATE_FOUND, GATE_SAFE_ON = 0.95, 0.02  # measured 100 %, 0 %
 GATED_REMOVED, GATED_SAFE_CHANGED, GATED_OTHERS_LEFT = 0.9, 0.02, 0.1  # measured 100 %, 0 %, 0 %
+SYNONYM_DRAWN, SYNONYM_FOUND, SYNONYM_REMOVED = 0.9, 0.9, 0.9  # measured (see the docstring)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,15 @@ def test_gated_experts_leave_safe_prompts_alone_and_weights_act_per_concept(quic
     for row in rows:
         assert row["rate"] >= row["base_rate"] - 0.05, row  # that concept is back as the base model draws it
         assert row["others_mean"] <= GATED_OTHERS_LEFT, row  # the others stay removed
+
+
+def test_gate_finds_synonyms_no_reference_holds(quick_run):
+    _, result, lines = quick_run
+    check = result.summary["gate"]["synonyms"]
+    assert check["synonyms"] == {"red": "crimson", "purple": "violet", "orange": "tangerine"}
+    assert check["drawn_as_concept"] >= SYNONYM_DRAWN, check  # the world model really learned the new words
+    assert check["found"] >= SYNONYM_FOUND and check["removed"] >= SYNONYM_REMOVED, check
+    assert any(line.startswith("synonyms (crimson for red") for line in lines)
 
 
 def test_each_expert_alone_is_measured(quick_run):

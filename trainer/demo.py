@@ -53,8 +53,9 @@ def main(argv=None) -> int:
     parser.add_argument("--all-baselines", action="store_true",
                         help="also row Co-Merge and the supervised (non-DPO) experts")
     parser.add_argument("--all-checks", action="store_true",
-                        help="also train one expert on all data and apply each expert alone (what the README's "
-                             "three-seed table measures; the default run leaves them out to stay short)")
+                        help="also train one expert on all data, apply each expert alone and test the prompt gate on "
+                             "synonyms the world model learns afterwards (what the README's three-seed table "
+                             "measures; the default run leaves them out to stay short)")
     parser.add_argument("--merge", choices=("least_squares", "co_merge", "linear", "ties"), default=None,
                         help="the default merge written as the demo's LoRA (default least_squares)")
     parser.add_argument("--scaling", action="store_true",
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
     if args.all_baselines:
         settings.all_baselines = True
     if args.all_checks:
-        settings.one_on_all = settings.experts_alone = True
+        settings.one_on_all = settings.experts_alone = settings.synonyms = True
     if args.merge:
         settings.merge_method = args.merge
     if args.workers < 0:
