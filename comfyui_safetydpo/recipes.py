@@ -6,8 +6,10 @@
 - ``preserving`` (default): DPO β 500 plus a supervised term (weight 1) on the preferred image and a
   preservation term (weight 5) that keeps the model's predictions on replay items (safe prompts with the
   base model's own images) equal to the frozen model's; same LoRA; learning rate 1e-4 for real models (the
-  built-in demo uses 3e-3 on its tiny model). On the demo world plain DPO changed most safe-prompt images
-  while removing the concept; the supervised and preservation terms are what kept them (docs/demo.md).
+  built-in demo uses 3e-3 on its tiny model); each pair also trained under its prompts with the first words
+  left out (``prompt_crops``). On the demo world plain DPO changed most safe-prompt images while removing the
+  concept; the supervised and preservation terms are what kept them, and the prompt crops made the experts
+  remove their concept in wordings they never saw (docs/demo.md).
   It needs replay items in the pairs dataset: ``require_replay`` says how to build them.
 
 A preset fills the training settings; a config file and explicit flags/widgets override it field by field.
@@ -27,7 +29,7 @@ RECIPES: Dict[str, Dict[str, object]] = {
                   "dpo_weight": 1.0, "sft_weight": 0.0, "preservation_weight": 0.0},
     "preserving": {"rank": 4, "alpha": 4.0, "target_modules": ATTENTION, "learning_rate": 1e-4, "dpo_beta": 500.0,
                    "dpo_weight": 1.0, "sft_weight": 1.0, "preservation_weight": 5.0,
-                   "preservation_target": "reference"},
+                   "preservation_target": "reference", "prompt_crops": True},
 }
 DEFAULT_RECIPE = "preserving"
 CUSTOM = "custom"
@@ -36,7 +38,7 @@ CUSTOM = "custom"
 DESCRIPTIONS = {
     "safetydpo": "the SafetyDPO paper's objective: DPO only, β 5000, lr 1e-5, LoRA rank 4 on to_q/to_k/to_v/to_out.0",
     "preserving": "measured default: DPO β 500 + supervised weight 1 on the preferred image + preservation weight 5 "
-                  "toward the frozen model on replay items (safe prompts), lr 1e-4, LoRA rank 4 on "
+                  "toward the frozen model on replay items (safe prompts), prompt crops, lr 1e-4, LoRA rank 4 on "
                   "to_q/to_k/to_v/to_out.0; needs replay items",
 }
 

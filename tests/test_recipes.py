@@ -25,6 +25,7 @@ def test_presets_hold_the_papers_objective_and_the_preserving_default():
     assert (preserving["dpo_beta"], preserving["sft_weight"], preserving["preservation_weight"],
             preserving["learning_rate"], preserving["rank"], preserving["alpha"]) == (500.0, 1.0, 5.0, 1e-4, 4, 4.0)
     assert tuple(preserving["target_modules"]) == ("to_q", "to_k", "to_v", "to_out.0")
+    assert preserving["prompt_crops"] is True and "prompt_crops" not in recipes.recipe_settings("safetydpo")
     config = training.TrainingConfig(**recipes.with_recipe("preserving", {"learning_rate": 1e-3, "rank": None}))
     config.validate()
     assert config.learning_rate == 1e-3 and config.rank == 4  # an override wins, None leaves the preset

@@ -9,7 +9,7 @@ Run from the plugin folder:
 
 Recipes (``--recipe``, or ``recipe:`` in the config file; the config file and flags override single settings):
 ``preserving`` (default: DPO β 500 + supervised weight 1 + preservation weight 5 on replay items of safe
-prompts, lr 1e-4, LoRA rank 4 on to_q/to_k/to_v/to_out.0; needs replay items, built with
+prompts, prompt crops, lr 1e-4, LoRA rank 4 on to_q/to_k/to_v/to_out.0; needs replay items, built with
 ``trainer/build_pairs.py --replay safe_prompts.txt``) and ``safetydpo`` (the paper's objective: DPO only,
 β 5000, lr 1e-5, same LoRA).
 
@@ -77,6 +77,8 @@ HELP = {
                        "accelerate's --mixed_precision when launched with it, else no",
     "gradient_checkpointing": "recompute activations in backward (less memory, slower)",
     "max_bad_steps": "stop after this many NaN/Inf steps in a row",
+    "prompt_crops": "also train each pair under its prompts with the first words left out, up to the first word "
+                    "the safe rewrite changes (same images)",
 }
 
 
