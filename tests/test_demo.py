@@ -6,7 +6,9 @@ steps. Thresholds are this setting's measured values with a margin (measured: ba
 4.8 % (pixels), scene kept 95.2 %; linear 100 % removed, 74 % / 87 %; Co-Merge 100 %, 51 % / 56 %; TIES 100 %,
 42 % / 44 %; weight 0 brings that concept back to 83-100 % (from 0-7 %); experts gated by prompt: gate finds the
 concept in 100 %, on for 0 % of safe prompts, 100 % removed, 0 % / 0 % changed, scene kept 95.2 %, weight 0 brings
-that concept back to 100 % with the others at 0 % left; the red expert alone leaves 0 % red). They guard against
+that concept back to 100 % with the others at 0 % left; on prompts naming the concept by a synonym the world model
+learned afterwards: drawn as the concept 100 %, found by the gate 100 %, removed 100 %, scenes kept 93.7 %; the red
+expert alone leaves 0 % red). They guard against
 regressions; the seven-concept, three-seed numbers and the goals are in docs/demo.md; the world's
 faithfulness (>= 95 %) is asserted here.
 """
@@ -25,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = "DPO + least-squares merge"
 GATE_FOUND, GATE_SAFE_ON = 0.95, 0.02  # measured 100 %, 0 %
 GATED_REMOVED, GATED_SAFE_CHANGED, GATED_OTHERS_LEFT = 0.9, 0.02, 0.1  # measured 100 %, 0 %, 0 %
-SYNONYM_DRAWN, SYNONYM_FOUND, SYNONYM_REMOVED = 0.9, 0.9, 0.9  # measured (see the docstring)
+SYNONYM_DRAWN, SYNONYM_FOUND, SYNONYM_REMOVED = 0.95, 0.95, 0.9  # measured 100 %, 100 %, 100 %
 
 
 @pytest.fixture(scope="module")
