@@ -475,17 +475,21 @@ def gate_prompt_encoder(clip) -> concept_gate.PromptEncoder:
     """Token features of prompts with the graph's CLIP (``concept_gate.PromptEncoder``): the conditioning ComfyUI
     samples with beside the text encoder's input embedding of each token (``concept_gate.token_features``), one row
     per token of the first text encoder's tokenizer, start/end/padding left out."""
+    tables: Dict[str, torch.Tensor] = {}  # tokenizer key -> that encoder's embedding table, looked up once
+
     def encode(prompts: Sequence[str]):
         encoded = []
         for text in prompts:
             tokens = clip.tokenize(text, return_word_ids=True)
             key = "l" if "l" in tokens else sorted(tokens)[0]
+            if key not in tables:
+                tables[key] = _token_embedding(clip, key)
             flat = [token for chunk in tokens[key] for token in chunk]
             states = clip.encode_from_tokens(tokens)[0].float().cpu()
             count = min(len(flat), states.shape[0])
             words = torch.tensor([len(t) > 2 and int(t[2]) > 0 for t in flat[:count]], dtype=torch.bool)
             ids = torch.tensor([int(t[0]) for t in flat[:count]], dtype=torch.long)
-            features = concept_gate.token_features(states[:count][words], ids[words], _token_embedding(clip, key))
+            features = concept_gate.token_features(states[:count][words], ids[words], tables[key])
             encoded.append((features, ids[words]))
         return encoded
 
