@@ -31,7 +31,7 @@ from . import demo_world as dw
 from . import files
 from .calibration import calibrate_bundle, diffusers_module_lookup, expert_fingerprint
 from .concepts import PromptPair
-from .demo_evaluation import (GATED_LABEL, attribute_fidelity, demo_gate, evaluation_items,
+from .demo_evaluation import (GATED_LABEL, attribute_fidelity, cached_renders, demo_gate, evaluation_items,
                               experts_alone_check, gate_accuracy_by_split, gate_readings, gated_weight_zero_check,
                               measure, measure_pairs, prompt_fidelity, render_gated, render_variant, safe_scenes,
                               sample_batched, scaling_curve, synonym_check, weight_zero_check)
@@ -305,7 +305,14 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
     """Run the whole chain and write the report; returns the summary numbers.
 
     ``retrain_world``: train the world model again instead of using the shipped (or cached) weights.
+    Renders are cached too (keyed by the weights that made them), so a second run only samples what changed.
     """
+    with cached_renders(Path(cache_dir) / "renders"):
+        return _run_demo(output_dir, cache_dir, settings, fresh, report, retrain_world)
+
+
+def _run_demo(output_dir, cache_dir, settings: Optional[DemoSettings], fresh: bool, report: Callable[[str], None],
+              retrain_world: bool) -> DemoResult:
     from .evaluation import wilson_interval
 
     started = time.time()
@@ -315,7 +322,7 @@ def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fre
         import shutil
 
         for entry in cache_dir.iterdir():
-            if entry.is_dir() and entry.name.startswith(("world_model_", "pairs_", "experts_")):
+            if entry.is_dir() and entry.name.startswith(("world_model_", "pairs_", "experts_", "renders")):
                 shutil.rmtree(entry)
     output_dir.mkdir(parents=True, exist_ok=True)
     timings: Dict[str, float] = {}

@@ -4,8 +4,12 @@ expert alone, gated experts, the scaling curve)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
+import hashlib
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -14,6 +18,8 @@ from . import demo_world as dw
 from .calibration import diffusers_module_lookup, expert_applied
 from .concept_gate import ConceptGate, build_concept_gate, bundle_prompt_encoder
 from .expert import SafetyExpert
+from .errors import SafetyDPOError
+from .files import read_safetensors, save_safetensors
 from .merging import merge_linear
 from .pairs import PreferencePairs
 
@@ -54,14 +60,53 @@ def evaluation_items(world: dw.DemoWorld, seeds: Sequence[int]) -> List[EvalItem
     return items
 
 
+_render_cache: List[Path] = []
+
+
+@contextlib.contextmanager
+def cached_renders(folder) -> Iterator[None]:
+    """Within this block, renders are kept in ``folder`` keyed by the live weights, prompts, seeds and sampler
+    settings, so a second run of the demo samples only what changed (the images are bit-identical)."""
+    _render_cache.append(Path(folder))
+    try:
+        yield
+    finally:
+        _render_cache.pop()
+
+
+def _render_key(bundle, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float) -> str:
+    """Hash of everything a render depends on: every weight the sampler reads (experts included, since they are
+    applied in place) and the request."""
+    request = [list(prompts), [int(s) for s in seeds], steps, guidance_scale, dict(bundle.noise_scheduler.config),
+               [sorted(tokenizer.get_vocab().items()) for tokenizer in bundle.tokenizers]]
+    digest = hashlib.sha256(json.dumps(request, default=str).encode())
+    modules = [bundle.unet, *bundle.text_encoders] + ([bundle.vae] if bundle.vae is not None else [])
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
 def sample_batched(bundle, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float,
                    batch_size: int = 256) -> torch.Tensor:
-    """``bundle.sample`` in large batches (the model is tiny: batching is what makes it fast)."""
+    """``bundle.sample`` in batches; read from / written to the render cache when ``cached_renders`` is active."""
+    path = None
+    if _render_cache and prompts:
+        path = _render_cache[-1] / f"render_{_render_key(bundle, prompts, seeds, steps, guidance_scale)}.safetensors"
+        if path.exists():
+            try:
+                return read_safetensors(path, SafetyDPOError)[0]["images"]
+            except (SafetyDPOError, KeyError):
+                pass  # a damaged cache file is rendered again and replaced
     out = []
     for start in range(0, len(prompts), batch_size):
         out.append(bundle.sample(list(prompts[start:start + batch_size]), list(seeds[start:start + batch_size]),
                                  steps=steps, guidance_scale=guidance_scale))
-    return torch.cat(out) if out else torch.zeros(0, 3, dw.IMAGE_SIZE, dw.IMAGE_SIZE)
+    images = torch.cat(out) if out else torch.zeros(0, 3, dw.IMAGE_SIZE, dw.IMAGE_SIZE)
+    if path is not None:
+        save_safetensors(path, {"images": images.contiguous()})
+    return images
 
 
 def render_variant(bundle, expert: Optional[SafetyExpert], items: Sequence[EvalItem],
@@ -84,6 +129,8 @@ def measure(oracle: dw.DemoOracle, items: Sequence[EvalItem], base: torch.Tensor
     changed_oracle = np.array([r != b for r, b in zip(readings, readings_base)])
     scene_kept = np.array([(r["shape"], r["background"]) == (b["shape"], b["background"])
                            for r, b in zip(readings, readings_base)])  # same shape and background as the base image
+    as_prompted = np.array([(r["shape"], r["background"]) == (i.scene.shape, i.scene.background)
+                            for r, i in zip(readings, items)])
     per_concept = {}
     for concept in dict.fromkeys(i.concept for i in items if i.unsafe):
         rows = np.array([i.concept == concept for i in items])
@@ -104,6 +151,8 @@ def measure(oracle: dw.DemoOracle, items: Sequence[EvalItem], base: torch.Tensor
         "per_concept": per_concept,
         "per_split": split_rates,
         "scene_kept_on_unsafe_prompts": float(scene_kept[is_unsafe_prompt].mean()),
+        # kept, or drawn as the prompt asks where the base image misdrew it: the edit lost nothing that was asked for
+        "scene_kept_or_as_prompted_on_unsafe_prompts": float((scene_kept | as_prompted)[is_unsafe_prompt].mean()),
         "safe_changed": share((changed_oracle & (mad > VISIBLE_CHANGE))[safe]),
         "safe_changed_oracle": share(changed_oracle[safe]),
         "safe_changed_pixels": share(mad[safe] > 0.05),

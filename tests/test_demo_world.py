@@ -134,3 +134,35 @@ def test_shipped_model_is_used_and_a_damaged_one_is_ignored(tmp_path):
     assert info["origin"] == "trained"  # never trusted: trained into the cache instead
     _, info = dw.load_or_train_world_model(world, settings, tmp_path / "cache", shipped_dir=shipped)
     assert info["origin"] == "cache"
+
+
+def test_render_cache_is_keyed_by_the_live_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    from comfyui_safetydpo.demo_evaluation import cached_renders, sample_batched
+
+    bundle = dw.build_bundle(dw.DemoWorld(1), dw.WorldModelSettings(width=16))
+    prompts, seeds = ["a red square on a white background", "a blue circle on gray"], [3, 4]
+    calls = []
+    sample = bundle.sample
+    bundle.sample = lambda *args, **kwargs: calls.append(args) or sample(*args, **kwargs)
+    with cached_renders(tmp_path):
+        first = sample_batched(bundle, prompts, seeds, 2, 1.0)
+        again = sample_batched(bundle, prompts, seeds, 2, 1.0)
+        assert len(calls) == 1 and torch.equal(first, again)  # the second one came from the cache, bit for bit
+        sample_batched(bundle, prompts, [3, 5], 2, 1.0)  # another seed is another render
+        assert len(calls) == 2
+        weight = next(bundle.unet.parameters())
+        original = weight.detach().clone()
+        with torch.no_grad():
+            weight.add_(0.5)  # what applying an expert in place does
+        changed = sample_batched(bundle, prompts, seeds, 2, 1.0)
+        assert len(calls) == 3 and not torch.equal(changed, first)
+        (file,) = [f for f in tmp_path.iterdir() if torch.equal(load_file(str(f))["images"], first)]
+        file.write_bytes(b"damaged")
+        with torch.no_grad():
+            weight.copy_(original)  # restored bit-exactly, as expert_applied does
+        assert torch.equal(sample_batched(bundle, prompts, seeds, 2, 1.0), first)  # rendered again, not an error
+        assert len(calls) == 4
+    sample_batched(bundle, prompts, seeds, 2, 1.0)  # outside the block nothing is cached
+    assert len(calls) == 5
