@@ -31,7 +31,8 @@ from . import demo_world as dw
 from . import files
 from .calibration import calibrate_bundle, diffusers_module_lookup, expert_fingerprint
 from .concepts import PromptPair
-from .demo_evaluation import (GATED_LABEL, attribute_fidelity, cached_renders, demo_gate, evaluation_items,
+from .demo_evaluation import (GATED_LABEL, GATED_ONE_ON_ALL_LABEL, attribute_fidelity, cached_renders,
+                              demo_gate, evaluation_items,
                               experts_alone_check, gate_accuracy_by_split, gate_readings, gated_weight_zero_check,
                               measure, measure_pairs, prompt_fidelity, render_gated, render_variant, safe_scenes,
                               sample_batched, scaling_curve, synonym_check, weight_zero_check)
@@ -435,12 +436,17 @@ def _run_demo(output_dir, cache_dir, settings: Optional[DemoSettings], fresh: bo
                f"({gate_summary['found_held_out']:.1%} on held-out templates), turns an expert on for "
                f"{gate_summary['safe_on']:.1%} of safe prompts")
         names = [c.name for c in world.concepts]
-        images[GATED_LABEL] = render_gated(bundle, experts, names, present, weights, items, settings, base_images)
-        results[GATED_LABEL] = measure(oracle, items, base_images, images[GATED_LABEL], base_readings)
-        low, high = wilson_interval(results[GATED_LABEL]["unsafe_count"], results[GATED_LABEL]["unsafe_n"])
-        results[GATED_LABEL]["unsafe_ci"] = [low, high]
-        results[GATED_LABEL]["removed"] = 1.0 - results[GATED_LABEL]["unsafe_rate"] / base_rate if base_rate > 0 \
-            else float("nan")
+        # the per-concept experts, and (with --all-checks) the one expert on all data, each behind the same gate
+        gated_sets = {GATED_LABEL: list(experts)}
+        if one_on_all is not None:
+            gated_sets[GATED_ONE_ON_ALL_LABEL] = [one_on_all] * len(names)
+        for label, gated_experts in gated_sets.items():
+            images[label] = render_gated(bundle, gated_experts, names, present, weights, items, settings, base_images)
+            results[label] = measure(oracle, items, base_images, images[label], base_readings)
+            results[label]["unsafe_ci"] = list(wilson_interval(results[label]["unsafe_count"],
+                                                               results[label]["unsafe_n"]))
+            results[label]["removed"] = 1.0 - results[label]["unsafe_rate"] / base_rate if base_rate > 0 \
+                else float("nan")
         if settings.synonyms and synonyms_for(world):
             learned, synonyms = synonym_bundle(bundle, world, cache_dir, model_key, settings.seed)
             check = synonym_check(learned, gate, experts, names, items, synonyms, oracle, settings)
@@ -454,6 +460,11 @@ def _run_demo(output_dir, cache_dir, settings: Optional[DemoSettings], fresh: bo
             gate_summary["weight_zero"] = gated_weight_zero_check(
                 bundle, experts, names, present, items, base_images, images[GATED_LABEL], base_readings, oracle,
                 settings, results["base"]["per_concept"], report)
+            if one_on_all is not None:
+                gate_summary["weight_zero_one_on_all"] = gated_weight_zero_check(
+                    bundle, gated_sets[GATED_ONE_ON_ALL_LABEL], names, present, items, base_images,
+                    images[GATED_ONE_ON_ALL_LABEL], base_readings, oracle, settings, results["base"]["per_concept"],
+                    report, label="gated one expert on all data, ")
     weight_zero = None
     if settings.weight_zero_checks and len(experts) > 1:
         weight_zero = weight_zero_check(bundle, merger, settings.merge_method, experts, items, base_images,

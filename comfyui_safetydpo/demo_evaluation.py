@@ -223,6 +223,7 @@ def experts_alone_check(bundle, experts: Sequence[SafetyExpert], items: Sequence
 
 
 GATED_LABEL = "DPO experts gated by prompt"
+GATED_ONE_ON_ALL_LABEL = "DPO, one expert on all data, gated by prompt"
 
 
 def demo_gate(bundle, world: dw.DemoWorld, pairs: PreferencePairs, count: Optional[int] = None) -> ConceptGate:
@@ -258,7 +259,8 @@ def render_gated(bundle, experts: Sequence[SafetyExpert], names: Sequence[str], 
                  weights: Sequence[float], items: Sequence[EvalItem], settings: DemoSettings,
                  base_images: torch.Tensor) -> torch.Tensor:
     """Each prompt sampled with only the experts of the concepts the gate found in it (their weighted sum when
-    several), the base model's image where it found none."""
+    several), the base model's image where it found none. An expert that serves several concepts (one expert on
+    all data: the same expert for every name) is applied once, at the largest weight among them."""
     images = base_images.clone()
     groups: Dict[Tuple[int, ...], List[int]] = {}
     for row, found in enumerate(present):
@@ -266,7 +268,11 @@ def render_gated(bundle, experts: Sequence[SafetyExpert], names: Sequence[str], 
         if active:
             groups.setdefault(active, []).append(row)
     for active, rows in groups.items():
-        expert = merge_linear([experts[k] for k in active], [weights[k] for k in active], name="gated")
+        unique: Dict[int, Tuple[SafetyExpert, float]] = {}
+        for k in active:
+            known = unique.get(id(experts[k]))
+            unique[id(experts[k])] = (experts[k], max(weights[k], known[1] if known else 0.0))
+        expert = merge_linear([e for e, _ in unique.values()], [w for _, w in unique.values()], name="gated")
         images[rows] = render_variant(bundle, expert, [items[r] for r in rows], settings)
     return images
 
@@ -274,8 +280,8 @@ def render_gated(bundle, experts: Sequence[SafetyExpert], names: Sequence[str], 
 def gated_weight_zero_check(bundle, experts: Sequence[SafetyExpert], names: Sequence[str],
                             present: Sequence[Sequence[str]], items: Sequence[EvalItem], base_images: torch.Tensor,
                             gated_images: torch.Tensor, base_readings, oracle: dw.DemoOracle, settings: DemoSettings,
-                            base_per_concept: Dict[str, float],
-                            report: Callable[[str], None]) -> List[Dict[str, object]]:
+                            base_per_concept: Dict[str, float], report: Callable[[str], None],
+                            label: str = "gated, ") -> List[Dict[str, object]]:
     """``weight_zero_check`` for the gated experts: one concept's weight at 0, the others at 1.
 
     Only prompts whose gate reading includes that concept can change: the others keep their ``gated_images``
@@ -293,7 +299,7 @@ def gated_weight_zero_check(bundle, experts: Sequence[SafetyExpert], names: Sequ
                                            base_images[[unsafe_rows[r] for r in touched]])
         result = measure(oracle, unsafe_items, base_images[unsafe_rows], images,
                          [base_readings[i] for i in unsafe_rows])
-        rows.append(_weight_zero_row(result, concept, experts[index].name, base_per_concept, "gated, ", report))
+        rows.append(_weight_zero_row(result, concept, experts[index].name, base_per_concept, label, report))
     return rows
 
 

@@ -11,7 +11,7 @@ import torch
 
 from . import demo_world as dw
 from . import files, reports
-from .demo_evaluation import GATED_LABEL
+from .demo_evaluation import GATED_LABEL, GATED_ONE_ON_ALL_LABEL
 
 if TYPE_CHECKING:
     from .demo_evaluation import EvalItem
@@ -52,6 +52,8 @@ def aggregate_seeds(runs: Dict[int, Dict[str, object]]) -> Dict[str, object]:
     if len(gates) == len(seeds):
         gate = {key: _spread([g[key] for g in gates]) for key in ("found", "found_held_out", "safe_on")}
         gate["weight_zero"] = _weight_zero_spread([row for g in gates for row in (g.get("weight_zero") or [])])
+        gate["weight_zero_one_on_all"] = _weight_zero_spread(
+            [row for g in gates for row in (g.get("weight_zero_one_on_all") or [])])
         gate["variant"] = GATED_LABEL
         checks = [g["synonyms"] for g in gates if g.get("synonyms")]
         if len(checks) == len(seeds):
@@ -142,11 +144,14 @@ def seeds_markdown(aggregate: Dict[str, object]) -> str:
                       f"concept in {cell(synonyms['found'])}; the gated experts remove "
                       f"{cell(synonyms['removed'])} (shape and background kept "
                       f"{cell(synonyms['scene_kept_on_unsafe_prompts'])})."]
+    kinds = {aggregate["default_variant"]: "default merge", GATED_LABEL: "prompt-gated experts",
+             GATED_ONE_ON_ALL_LABEL: "prompt-gated expert on all data"}
     for variant, zero in ((aggregate["default_variant"], aggregate["weight_zero"]),
-                          (gate["variant"] if gate else None, gate["weight_zero"] if gate else None)):
-        row = aggregate["table"].get(variant) if variant else None
+                          (GATED_LABEL, gate["weight_zero"] if gate else None),
+                          (GATED_ONE_ON_ALL_LABEL, gate.get("weight_zero_one_on_all") if gate else None)):
+        row = aggregate["table"].get(variant) if gate or variant == aggregate["default_variant"] else None
         if row:
-            kind = "default merge" if variant == aggregate["default_variant"] else "prompt-gated experts"
+            kind = kinds[variant]
             lines += ["", f"Goals for the {kind} ({variant}):", ""]
             lines += [f"- {name}: **{'met' if ok else 'missed'}** ({detail})" for name, ok, detail in _goals(row, zero)]
     return "\n".join(lines) + "\n"
@@ -352,13 +357,14 @@ def write_demo_report(output_dir: Path, summary: Dict[str, object], world: dw.De
         if gate.get("missed"):
             lines += ["", "Prompts it misread (up to 20): " + "; ".join(f"`{p}`" for p in gate["missed"])]
         lines.append("")
-        if gate.get("weight_zero"):
-            lines += ["| gated, weight 0 for | its unsafe rate | base model | other concepts, mean | other concepts, "
-                      "worst |", "|---|---|---|---|---|"]
-            for row in gate["weight_zero"]:
-                lines.append(f"| {row['concept']} | {row['rate']:.0%} | {row['base_rate']:.0%} | "
-                             f"{row['others_mean']:.1%} | {row['others_max']:.0%} |")
-            lines.append("")
+        for key, what in (("weight_zero", "gated"), ("weight_zero_one_on_all", "one expert on all data, gated")):
+            if gate.get(key):
+                lines += [f"| {what}, weight 0 for | its unsafe rate | base model | other concepts, mean | other "
+                          "concepts, worst |", "|---|---|---|---|---|"]
+                for row in gate[key]:
+                    lines.append(f"| {row['concept']} | {row['rate']:.0%} | {row['base_rate']:.0%} | "
+                                 f"{row['others_mean']:.1%} | {row['others_max']:.0%} |")
+                lines.append("")
     if summary.get("experts_alone"):
         lines += ["## Each expert alone", "",
                   "Each expert applied alone to the base model, before any merge: what it removes, and what it changes "

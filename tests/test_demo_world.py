@@ -166,3 +166,35 @@ def test_render_cache_is_keyed_by_the_live_weights(tmp_path):
         assert len(calls) == 4
     sample_batched(bundle, prompts, seeds, 2, 1.0)  # outside the block nothing is cached
     assert len(calls) == 5
+
+
+def test_gated_rendering_applies_a_shared_expert_once(tmp_path):
+    """One expert on all data behind the gate: every concept names the same expert, which is applied once per
+    prompt (not summed per concept), and a concept's weight 0 leaves its prompts as the base model draws them."""
+    import dataclasses
+
+    from shared_helpers import random_expert
+
+    from comfyui_safetydpo.demo import DemoSettings
+    from comfyui_safetydpo.demo_evaluation import EvalItem, render_gated, render_variant
+    from comfyui_safetydpo.merging import merge_linear
+
+    world = dw.DemoWorld(2)
+    bundle = dw.build_bundle(world, dw.WorldModelSettings(width=16))
+    shapes = {f"unet.{name}": tuple(module.weight.shape) for name, module in bundle.unet.named_modules()
+              if name.endswith("attn2.to_v")}
+    shared = random_expert("all_data", shapes, scale=0.5)
+    settings = DemoSettings(sample_steps=2)
+    scenes = world.scenes(["red"])[:1] + world.scenes(["purple"])[:1] + world.scenes(["blue"])[:1]
+    items = [EvalItem(scene.prompt(dw.TRAIN_TEMPLATES[0]), 7, scene, scene.colour != "blue", scene.colour, "x")
+             for scene in scenes]
+    base = render_variant(bundle, None, items, settings)
+    present = [["red"], ["red", "purple"], []]
+    gated = render_gated(bundle, [shared, shared], ["red", "purple"], present, [1.0, 1.0], items, settings, base)
+    once = render_variant(bundle, shared, items, settings)
+    twice = render_variant(bundle, merge_linear([shared, dataclasses.replace(shared, name="copy")], [1.0, 1.0]),
+                           items, settings)
+    assert torch.allclose(gated[:2], once[:2], atol=1e-5) and not torch.allclose(gated[1], twice[1], atol=1e-3)
+    assert torch.equal(gated[2], base[2])  # the gate found nothing: the base model's image
+    zero = render_gated(bundle, [shared, shared], ["red", "purple"], present, [0.0, 1.0], items, settings, base)
+    assert torch.equal(zero[0], base[0]) and torch.allclose(zero[1], once[1], atol=1e-5)

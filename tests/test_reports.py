@@ -120,3 +120,38 @@ def test_quality_vs_safety_without_strengths(tmp_path):
     assert json.loads(files.tables["summary"].read_text())["blurred"] is False
     table = reports.figure_to_array(reports.table_figure(summary))
     assert table.dtype == np.uint8 and table.ndim == 3 and table.shape[2] == 3
+
+
+def test_seed_table_judges_each_variant_against_the_goals():
+    """The three-seed goals: the worst seed decides, and each gated variant is judged with its own weight-0 checks."""
+    from comfyui_safetydpo import demo_report
+    from comfyui_safetydpo.demo_evaluation import GATED_LABEL, GATED_ONE_ON_ALL_LABEL
+
+    def result(removed, safe_changed, scene):
+        return {"unsafe_rate": 1 - removed, "removed": removed, "safe_changed_oracle": safe_changed,
+                "safe_changed_pixels": safe_changed, "safe_mad": 0.0, "scene_kept_on_unsafe_prompts": scene,
+                "scene_kept_or_as_prompted_on_unsafe_prompts": min(1.0, scene + 0.02)}
+
+    def zero(others_max):
+        return [{"concept": "red", "rate": 1.0, "base_rate": 1.0, "others_mean": others_max / 2,
+                 "others_max": others_max}]
+
+    def run(seed_scene):
+        return {"results": {"base": result(0.0, 0.0, 1.0), "DPO + least-squares merge": result(0.7, 0.2, 0.9),
+                            GATED_LABEL: result(0.99, 0.0, seed_scene), GATED_ONE_ON_ALL_LABEL: result(0.97, 0.0, 0.98)},
+                "default_variant": "DPO + least-squares merge", "weight_zero": zero(0.4),
+                "gate": {"found": 1.0, "found_held_out": 1.0, "safe_on": 0.0, "weight_zero": zero(0.0),
+                         "weight_zero_one_on_all": zero(0.07)},
+                "base_prompt_fidelity": {"unsafe prompts": 0.97, "safe prompts": 0.98}, "pairs": {"same_scene": 0.99},
+                "settings": {}, "timings": {"total": 1.0}}
+
+    text = demo_report.seeds_markdown(demo_report.aggregate_seeds({0: run(0.96), 1: run(0.94)}))
+    sections = text.split("Goals for the ")[1:]
+    assert [s.split(" (")[0] for s in sections] == ["default merge", "prompt-gated experts",
+                                                    "prompt-gated expert on all data"]
+    gated, one_on_all = sections[1], sections[2]
+    assert "shape and background kept ≥ 95 %: **missed** (94.0% on the worst seed" in gated  # seed 1 decides
+    assert "misdrew them: 96.0%" in gated  # the lenient count beside the strict one
+    assert "weight 0 brings back only that concept" in gated and "**met** (worst 0.0 points" in gated
+    assert "shape and background kept ≥ 95 %: **met** (98.0%" in one_on_all
+    assert "**missed** (worst 0.0 points from base; other concepts 3.5% left on average, 7% at worst" in one_on_all
