@@ -138,7 +138,8 @@ def test_seed_table_judges_each_variant_against_the_goals():
 
     def run(seed_scene):
         return {"results": {"base": result(0.0, 0.0, 1.0), "DPO + least-squares merge": result(0.7, 0.2, 0.9),
-                            GATED_LABEL: result(0.99, 0.0, seed_scene), GATED_ONE_ON_ALL_LABEL: result(0.97, 0.0, 0.98)},
+                            GATED_LABEL: result(0.99, 0.0, seed_scene),
+                            GATED_ONE_ON_ALL_LABEL: result(0.97, 0.0, 0.98)},
                 "default_variant": "DPO + least-squares merge", "weight_zero": zero(0.4),
                 "gate": {"found": 1.0, "found_held_out": 1.0, "safe_on": 0.0, "weight_zero": zero(0.0),
                          "weight_zero_one_on_all": zero(0.07)},
