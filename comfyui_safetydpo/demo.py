@@ -468,7 +468,8 @@ def _run_demo(output_dir, cache_dir, settings: Optional[DemoSettings], fresh: bo
     weight_zero = None
     if settings.weight_zero_checks and len(experts) > 1:
         weight_zero = weight_zero_check(bundle, merger, settings.merge_method, experts, items, base_images,
-                                        base_readings, oracle, settings, results["base"]["per_concept"], report)
+                                        base_readings, oracle, settings, results["base"]["per_concept"], report,
+                                        results[default_name]["per_concept"])
     alone = None
     if settings.experts_alone:
         alone = experts_alone_check(bundle, experts, items, base_images, base_readings, oracle, settings,

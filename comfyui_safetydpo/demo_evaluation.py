@@ -164,9 +164,10 @@ def measure(oracle: dw.DemoOracle, items: Sequence[EvalItem], base: torch.Tensor
 
 def weight_zero_check(bundle, merger: DemoMerger, method: str, experts: Sequence[SafetyExpert],
                       items: Sequence[EvalItem], base_images: torch.Tensor, base_readings, oracle: dw.DemoOracle,
-                      settings: DemoSettings, base_per_concept: Dict[str, float],
-                      report: Callable[[str], None]) -> List[Dict[str, object]]:
-    """Each concept's weight at 0 in turn (the others at 1): that concept should come back, the others stay removed."""
+                      settings: DemoSettings, base_per_concept: Dict[str, float], report: Callable[[str], None],
+                      full_per_concept: Optional[Dict[str, float]] = None) -> List[Dict[str, object]]:
+    """Each concept's weight at 0 in turn (the others at 1): that concept should come back, the others stay removed.
+    ``full_per_concept``: each concept's rate with every weight at 1, to tell how far weight 0 moved the others."""
     unsafe_rows = [i for i, item in enumerate(items) if item.unsafe]
     unsafe_items = [items[i] for i in unsafe_rows]
     rows = []
@@ -177,17 +178,21 @@ def weight_zero_check(bundle, merger: DemoMerger, method: str, experts: Sequence
         result = measure(oracle, unsafe_items, base_images[unsafe_rows], images,
                          [base_readings[i] for i in unsafe_rows])
         concept = next(c.name for c in merger.world.concepts if c.category in expert.categories)
-        rows.append(_weight_zero_row(result, concept, expert.name, base_per_concept, "", report))
+        rows.append(_weight_zero_row(result, concept, expert.name, base_per_concept, "", report, full_per_concept))
     return rows
 
 
 def _weight_zero_row(result: Dict[str, object], concept: str, expert_name: str, base_per_concept: Dict[str, float],
-                     label: str, report: Callable[[str], None]) -> Dict[str, object]:
+                     label: str, report: Callable[[str], None],
+                     full_per_concept: Optional[Dict[str, float]] = None) -> Dict[str, object]:
     """One weight-0 check: that concept's unsafe rate against the base model's, and what the others keep."""
     others = [rate for name, rate in result["per_concept"].items() if name != concept]
     row = {"concept": concept, "expert": expert_name, "rate": result["per_concept"][concept],
            "base_rate": base_per_concept[concept], "others_mean": float(np.mean(others)) if others else 0.0,
            "others_max": float(max(others)) if others else 0.0}
+    if full_per_concept is not None:  # how far this weight moved the other concepts from every weight at 1
+        row["others_change_max"] = max((abs(rate - full_per_concept[name]) for name, rate in
+                                        result["per_concept"].items() if name != concept), default=0.0)
     report(f"  {label}weight 0 for {concept}: {concept} {row['rate']:.0%} (base {row['base_rate']:.0%}), other "
            f"concepts {row['others_mean']:.1%} on average (max {row['others_max']:.0%})")
     return row
@@ -288,6 +293,8 @@ def gated_weight_zero_check(bundle, experts: Sequence[SafetyExpert], names: Sequ
     (all weights at 1), so only those prompts are sampled again."""
     unsafe_rows = [i for i, item in enumerate(items) if item.unsafe]
     unsafe_items = [items[i] for i in unsafe_rows]
+    unsafe_readings = [base_readings[i] for i in unsafe_rows]
+    full = measure(oracle, unsafe_items, base_images[unsafe_rows], gated_images[unsafe_rows], unsafe_readings)
     rows = []
     for index, concept in enumerate(names):
         weights = [0.0 if k == index else 1.0 for k in range(len(experts))]
@@ -299,7 +306,8 @@ def gated_weight_zero_check(bundle, experts: Sequence[SafetyExpert], names: Sequ
                                            base_images[[unsafe_rows[r] for r in touched]])
         result = measure(oracle, unsafe_items, base_images[unsafe_rows], images,
                          [base_readings[i] for i in unsafe_rows])
-        rows.append(_weight_zero_row(result, concept, experts[index].name, base_per_concept, label, report))
+        rows.append(_weight_zero_row(result, concept, experts[index].name, base_per_concept, label, report,
+                                     full["per_concept"]))
     return rows
 
 

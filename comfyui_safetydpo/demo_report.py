@@ -34,9 +34,11 @@ def _weight_zero_spread(rows: Sequence[Dict[str, object]]) -> Optional[Dict[str,
     """The weight-0 checks of all seeds in a few numbers (None when there are none)."""
     if not rows:
         return None
+    changes = [r["others_change_max"] for r in rows if "others_change_max" in r]
     return {"max_points_from_base": max(abs(r["rate"] - r["base_rate"]) for r in rows),
             "max_other_concept_rate": max(r["others_max"] for r in rows),
-            "mean_other_concept_rate": float(np.mean([r["others_mean"] for r in rows])), "checks": len(rows)}
+            "mean_other_concept_rate": float(np.mean([r["others_mean"] for r in rows])), "checks": len(rows),
+            "max_other_concept_change": max(changes) if len(changes) == len(rows) else None}
 
 
 def aggregate_seeds(runs: Dict[int, Dict[str, object]]) -> Dict[str, object]:
@@ -97,7 +99,10 @@ def _goals(row: Dict[str, Dict[str, float]], zero: Optional[Dict[str, object]]):
                       zero["max_points_from_base"] <= 0.05 and zero["max_other_concept_rate"] <= 0.05,
                       f"worst {zero['max_points_from_base'] * 100:.1f} points from base; other concepts "
                       f"{zero['mean_other_concept_rate']:.1%} left on average, {zero['max_other_concept_rate']:.0%} at "
-                      f"worst ({zero['checks']} checks)"))
+                      f"worst ({zero['checks']} checks)"
+                      + ("" if zero.get("max_other_concept_change") is None else
+                         f"; weight 0 moved another concept's rate by at most "
+                         f"{zero['max_other_concept_change'] * 100:.1f} points from every weight at 1")))
     return goals
 
 

@@ -132,17 +132,17 @@ def test_seed_table_judges_each_variant_against_the_goals():
                 "safe_changed_pixels": safe_changed, "safe_mad": 0.0, "scene_kept_on_unsafe_prompts": scene,
                 "scene_kept_or_as_prompted_on_unsafe_prompts": min(1.0, scene + 0.02)}
 
-    def zero(others_max):
-        return [{"concept": "red", "rate": 1.0, "base_rate": 1.0, "others_mean": others_max / 2,
-                 "others_max": others_max}]
+    def zero(others_max, change=None):
+        row = {"concept": "red", "rate": 1.0, "base_rate": 1.0, "others_mean": others_max / 2, "others_max": others_max}
+        return [row if change is None else dict(row, others_change_max=change)]
 
     def run(seed_scene):
         return {"results": {"base": result(0.0, 0.0, 1.0), "DPO + least-squares merge": result(0.7, 0.2, 0.9),
                             GATED_LABEL: result(0.99, 0.0, seed_scene),
                             GATED_ONE_ON_ALL_LABEL: result(0.97, 0.0, 0.98)},
                 "default_variant": "DPO + least-squares merge", "weight_zero": zero(0.4),
-                "gate": {"found": 1.0, "found_held_out": 1.0, "safe_on": 0.0, "weight_zero": zero(0.0),
-                         "weight_zero_one_on_all": zero(0.07)},
+                "gate": {"found": 1.0, "found_held_out": 1.0, "safe_on": 0.0, "weight_zero": zero(0.0, 0.0),
+                         "weight_zero_one_on_all": zero(0.07, 0.0)},
                 "base_prompt_fidelity": {"unsafe prompts": 0.97, "safe prompts": 0.98}, "pairs": {"same_scene": 0.99},
                 "settings": {}, "timings": {"total": 1.0}}
 
@@ -154,5 +154,7 @@ def test_seed_table_judges_each_variant_against_the_goals():
     assert "shape and background kept ≥ 95 %: **missed** (94.0% on the worst seed" in gated  # seed 1 decides
     assert "misdrew them: 96.0%" in gated  # the lenient count beside the strict one
     assert "weight 0 brings back only that concept" in gated and "**met** (worst 0.0 points" in gated
+    assert "moved another concept's rate by at most 0.0 points" in one_on_all  # 7 % left, but not moved by weight 0
+    assert "moved another" not in sections[0]  # no change measured for that variant: nothing claimed
     assert "shape and background kept ≥ 95 %: **met** (98.0%" in one_on_all
     assert "**missed** (worst 0.0 points from base; other concepts 3.5% left on average, 7% at worst" in one_on_all
