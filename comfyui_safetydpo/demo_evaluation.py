@@ -77,9 +77,11 @@ def cached_renders(folder) -> Iterator[None]:
 def _render_key(bundle, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float) -> str:
     """Hash of everything a render depends on: every weight the sampler reads (experts included, since they are
     applied in place) and the request."""
-    request = [list(prompts), [int(s) for s in seeds], steps, guidance_scale, dict(bundle.noise_scheduler.config),
+    scheduler = {k: v for k, v in bundle.noise_scheduler.config.items() if not k.startswith("_")}  # "_use_default_
+    # values" lists a set: its order changes from one process to the next
+    request = [list(prompts), [int(s) for s in seeds], steps, guidance_scale, scheduler,
                [sorted(tokenizer.get_vocab().items()) for tokenizer in bundle.tokenizers]]
-    digest = hashlib.sha256(json.dumps(request, default=str).encode())
+    digest = hashlib.sha256(json.dumps(request, default=str, sort_keys=True).encode())
     modules = [bundle.unet, *bundle.text_encoders] + ([bundle.vae] if bundle.vae is not None else [])
     for module in modules:
         for name, tensor in module.state_dict().items():

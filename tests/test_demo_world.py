@@ -198,3 +198,20 @@ def test_gated_rendering_applies_a_shared_expert_once(tmp_path):
     assert torch.equal(gated[2], base[2])  # the gate found nothing: the base model's image
     zero = render_gated(bundle, [shared, shared], ["red", "purple"], present, [0.0, 1.0], items, settings, base)
     assert torch.equal(zero[0], base[0]) and torch.allclose(zero[1], once[1], atol=1e-5)
+
+
+def test_render_cache_key_is_the_same_in_every_process():
+    """The key must not depend on Python's string hashing (sets in the scheduler config), or no run would hit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("from comfyui_safetydpo import demo_world as dw\n"
+              "from comfyui_safetydpo.demo_evaluation import _render_key\n"
+              "bundle = dw.build_bundle(dw.DemoWorld(1), dw.WorldModelSettings(width=16))\n"
+              "print(_render_key(bundle, ['a red square'], [1], 2, 1.0))\n")
+    root = Path(__file__).resolve().parent.parent
+    keys = {subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in (1, 2, 3)}
+    assert len(keys) == 1, keys
