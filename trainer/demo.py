@@ -53,9 +53,10 @@ def main(argv=None) -> int:
     parser.add_argument("--all-baselines", action="store_true",
                         help="also row Co-Merge and the supervised (non-DPO) experts")
     parser.add_argument("--all-checks", action="store_true",
-                        help="also train one expert on all data, apply each expert alone and test the prompt gate on "
-                             "synonyms the world model learns afterwards (what the README's three-seed table "
-                             "measures; the default run leaves them out to stay short)")
+                        help="also train one expert on all data (measured alone and behind the prompt gate), apply "
+                             "each expert alone and test the prompt gate on synonyms the world model learns "
+                             "afterwards (what the README's three-seed table measures; the default run leaves them "
+                             "out to stay short)")
     parser.add_argument("--merge", choices=("least_squares", "co_merge", "linear", "ties"), default=None,
                         help="the default merge written as the demo's LoRA (default least_squares)")
     parser.add_argument("--scaling", action="store_true",
