@@ -586,7 +586,8 @@ def record_demo_statistics(bundle, world: dw.DemoWorld, experts: Sequence[Safety
     def draw(prompts):
         prompts = [p for p in prompts for _ in range(count)]
         seeds = [500_000 + 7_919 * settings.seed + 13 * i for i in range(len(prompts))]
-        sample_batched(bundle, prompts, seeds, settings.sample_steps, settings.guidance_scale)
+        # never from the render cache: the recording hooks must see the model run
+        sample_batched(bundle, prompts, seeds, settings.sample_steps, settings.guidance_scale, cache=False)
 
     def run_concept(expert: SafetyExpert):
         concepts = [by_category[c] for c in expert.categories if c in by_category]

@@ -91,10 +91,11 @@ def _render_key(bundle, prompts: Sequence[str], seeds: Sequence[int], steps: int
 
 
 def sample_batched(bundle, prompts: Sequence[str], seeds: Sequence[int], steps: int, guidance_scale: float,
-                   batch_size: int = 256) -> torch.Tensor:
-    """``bundle.sample`` in batches; read from / written to the render cache when ``cached_renders`` is active."""
+                   batch_size: int = 256, cache: bool = True) -> torch.Tensor:
+    """``bundle.sample`` in batches; read from / written to the render cache when ``cached_renders`` is active
+    (``cache=False``: always run the model, for callers that record what happens inside it)."""
     path = None
-    if _render_cache and prompts:
+    if cache and _render_cache and prompts:
         path = _render_cache[-1] / f"render_{_render_key(bundle, prompts, seeds, steps, guidance_scale)}.safetensors"
         if path.exists():
             try:

@@ -132,10 +132,15 @@ def test_second_run_reuses_the_cache(quick_run):
     lines = []
     again = dataclasses.replace(demo.quick_settings(), baselines=False, weight_zero_checks=False,
                                 experts_alone=False)  # same cache keys
+    renders = set((folder / "cache" / "renders").iterdir())
     second = demo.run_demo(folder / "out2", folder / "cache", again, report=lines.append)
     log = "\n".join(lines)
     assert "trained in" not in log and "cached" in log
     assert second.summary["results"][DEFAULT]["unsafe_rate"] == first.summary["results"][DEFAULT]["unsafe_rate"]
+    # every image came from the render cache (the least-squares recording still ran the model: it needs the hooks)
+    assert renders and set((folder / "cache" / "renders").iterdir()) == renders
+    for variant in ("base", DEFAULT, "DPO experts gated by prompt"):
+        assert second.summary["results"][variant] == first.summary["results"][variant], variant
 
 
 def test_seed_changes_pairs_experts_and_evaluation_seeds():
