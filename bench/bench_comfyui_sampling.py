@@ -8,9 +8,9 @@ includes patching the weights. Steady state is then measured in interleaved roun
 the three graphs in a rotating order, and for each one first runs a one-step 64 px graph with the same
 model (ComfyUI re-patches the weights when the model changes; this absorbs it) and then the timed graph
 with a new seed. Times are ComfyUI's own execution timestamps (start to success, ms), not the client's
-0.25 s polling. The server runs torch on one thread (``OMP_NUM_THREADS=1``), so the other core absorbs the client
-and the machine's other work: with two threads on two shared cores, rounds varied by ±5 %. merged/base is the
-geometric mean of the per-round paired ratios with a 95 % Student-t
+0.25 s polling. The server runs torch on one thread (``OMP_NUM_THREADS=1``), leaving the other core to the client
+(rounds varied by ±5 % with two threads on a busy machine, about ±6 % with one on an idle one, so it did not
+narrow them). merged/base is the geometric mean of the per-round paired ratios with a 95 % Student-t
 confidence interval; rounds continue until the interval's half-width is ≤ 0.5 % or the time budget is
 spent. Goal: merged / base ≤ 1.01× in steady state, with the interval deciding it. Measured alone on an idle
 2-core machine with one server thread: 14 rounds in the budget, half-width 3.2 % (rounds still vary by about

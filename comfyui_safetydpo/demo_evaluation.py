@@ -307,8 +307,7 @@ def gated_weight_zero_check(bundle, experts: Sequence[SafetyExpert], names: Sequ
             images[touched] = render_gated(bundle, experts, names, [present[unsafe_rows[r]] for r in touched],
                                            weights, [unsafe_items[r] for r in touched], settings,
                                            base_images[[unsafe_rows[r] for r in touched]])
-        result = measure(oracle, unsafe_items, base_images[unsafe_rows], images,
-                         [base_readings[i] for i in unsafe_rows])
+        result = measure(oracle, unsafe_items, base_images[unsafe_rows], images, unsafe_readings)
         rows.append(_weight_zero_row(result, concept, experts[index].name, base_per_concept, label, report,
                                      full["per_concept"]))
     return rows
