@@ -61,12 +61,38 @@ def settings(tiny: bool):
     return dict(width=80, context=192, text_layers=6, image=256, pairs=2, repeats=4, epochs=2, dataset=8)
 
 
+def real_settings():
+    """SD1.5 at its real widths (860M UNet, SD VAE, CLIP-L text encoder; random weights) at 256 px, one pair per
+    step: the step a user trains, at the smallest size this CPU times in minutes."""
+    return dict(real=True, image=256, pairs=1, repeats=3, dataset=4)
+
+
+def _real_models():
+    """SD1.5's UNet, VAE and text encoder configurations (diffusers' / transformers' classes, no weights read)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(cross_attention_dim=768)  # diffusers' defaults are SD1.5's UNet
+    vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77))
+    return unet, text, vae
+
+
 def build_models(cfg, seed=0):
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012)
+    if cfg.get("real"):
+        unet, text, vae = _real_models()
+        for module in (unet, text, vae):
+            module.requires_grad_(False).eval()
+        return unet, text, vae, scheduler
     w = cfg["width"]
     unet = UNet2DConditionModel(
         sample_size=cfg["image"] // 8, in_channels=4, out_channels=4, layers_per_block=2,
@@ -83,8 +109,6 @@ def build_models(cfg, seed=0):
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     for module in (unet, text, vae):
         module.requires_grad_(False).eval()
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                              beta_end=0.012)
     return unet, text, vae, scheduler
 
 
@@ -423,9 +447,9 @@ def profile_step(variant, i) -> dict:
     return {g: v / total for g, v in sorted(shares.items(), key=lambda kv: -kv[1])} if total else {}
 
 
-def step_times(cfg):
+def step_times(cfg, names=TIMED, profile=True):
     """Median seconds per step of every timed variant, interleaved round-robin in this process."""
-    variants = {name: make_variant(name, cfg) for name in TIMED}
+    variants = {name: make_variant(name, cfg) for name in names}
     for variant in variants.values():  # warm-up (ours: the first step skips the reference pass)
         variant.step(0)
     times = {name: [] for name in variants}
@@ -436,8 +460,8 @@ def step_times(cfg):
             times[name].append(time.perf_counter() - start)
     official = variants["official"]
     encode_share = statistics.median(official.encode_seconds[1:]) / statistics.median(times["official"])
-    profile = profile_step(variants["ours"], cfg["repeats"] + 1)
-    return {name: statistics.median(v) for name, v in times.items()}, encode_share, profile
+    shares = profile_step(variants["ours"], cfg["repeats"] + 1) if profile else {}
+    return {name: statistics.median(v) for name, v in times.items()}, encode_share, shares
 
 
 def whole_run_times(cfg):
@@ -490,9 +514,7 @@ def flop_counts(pairs: int = 2) -> dict:
     more closely than on this CPU, would show.
     """
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from comfyui_safetydpo.training import TrainingConfig, inject_lora
 
@@ -502,10 +524,7 @@ def flop_counts(pairs: int = 2) -> dict:
         return counter.get_total_flops()
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel(cross_attention_dim=768)  # diffusers' defaults are SD1.5's UNet
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
-        text = CLIPTextModel(CLIPTextConfig())
+        unet, text, vae = _real_models()
         latents = torch.randn(2 * pairs, 4, 64, 64)
         t = torch.zeros(2 * pairs, dtype=torch.long)
         hidden = torch.randn(2 * pairs, 77, 768)
@@ -538,6 +557,7 @@ def run(tiny: bool = False):
             memory = {name: memory_in_subprocess(name, cfg, tiny) for name in MEMORY}
         runs, steps = whole_run_times(cfg)
         flops = flop_counts(cfg["pairs"])
+        real = None if tiny else step_times(real_settings(), names=("official", "ours"), profile=False)
     finally:
         for data in _DATA.values():
             data.close()
@@ -550,6 +570,15 @@ def run(tiny: bool = False):
         rows.append(dict(measure=f"DPO step time, {name}", value=round(times[name], 4), unit="s", ratio=round(ratio, 3),
                          baseline=base + f" = {times['official']:.3f} s", goal=f"<= {GOALS['time']}",
                          verdict=verdict(ratio, GOALS["time"])))
+    if real is not None:
+        real_times, real_share, _ = real
+        ratio = real_times["ours"] / real_times["official"]
+        rows.append(dict(measure="DPO step time at SD1.5's real widths (860M UNet, SD VAE, CLIP-L text; random "
+                                 "weights; 256 px, 1 pair/step), ours; the official step spends "
+                                 f"{100 * real_share:.1f} % loading + encoding",
+                         value=round(real_times["ours"], 3), unit="s", ratio=round(ratio, 3),
+                         baseline=f"official recipe at the same widths = {real_times['official']:.3f} s",
+                         goal=f"<= {GOALS['time']}", verdict=verdict(ratio, GOALS["time"])))
     rows.append(dict(measure="official step: share spent loading + encoding images and prompt "
                              "(ours does this once per pair)",
                      value=round(100 * encode_share, 1), unit="%", ratio=None, baseline="official step",

@@ -54,3 +54,24 @@ def test_sampling_ratio_interval_resolves_a_known_one_percent_overhead():
                                      ["execution_success", {"timestamp": 3500}]]}}
     assert sampling._server_seconds(entry, 9.0) == 2.5
     assert sampling._server_seconds({"status": {"messages": []}}, 9.0) == 9.0
+
+
+def test_operation_trace_tells_patched_weights_from_added_work():
+    """The sampling bench's op trace: merged weights run the base's operations; a LoRA left beside adds some."""
+    import torch
+
+    import bench_comfyui_sampling as sampling
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(8, 8)
+    merged = torch.nn.Linear(8, 8)
+    down, up = torch.randn(2, 8), torch.randn(8, 2)
+    with torch.no_grad():
+        merged.weight.copy_(base.weight + up @ down)  # what weight patching does
+        merged.bias.copy_(base.bias)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert sampling.operation_trace(lambda: merged(x)) == sampling.operation_trace(lambda: base(x))
+        beside = sampling.operation_trace(lambda: base(x) + (x @ down.T) @ up.T)  # the LoRA computed at run time
+        assert beside != sampling.operation_trace(lambda: base(x))
+        assert sampling.operation_trace(lambda: base(torch.randn(4, 8))) != sampling.operation_trace(lambda: base(x))
