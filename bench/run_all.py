@@ -139,6 +139,9 @@ def write_results(rows, out_dir: Path, tiny: bool) -> None:
             lines.append(f"- {_format(row.get('benchmark'))}: {_format(row.get('measure'))} — ratio "
                          f"{_format(row.get('ratio')) or _format(row.get('value'))}, goal {_format(row.get('goal'))}: "
                          f"**{_format(row.get('verdict'))}**")
+    if (BENCH_DIR / "notes.md").is_file():
+        lines += ["", "What each row measures, why the goals stand where they do, and the GPU benchmark: "
+                      "[bench/notes.md](notes.md) (written by hand; this file is written by `bench/run_all.py`)."]
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
 
 

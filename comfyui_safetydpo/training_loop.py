@@ -241,6 +241,25 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
     return result
 
 
+def predict_joined(denoiser, parts) -> list:
+    """The predictions for several (noisy, timesteps, embeddings) batches from one model call, split back.
+
+    One call instead of one per batch (the pairs and the replay items): the same work in fewer, larger
+    operations. Batches whose latents or prompt embeddings cannot be stacked are predicted one by one.
+    """
+    if not parts:
+        return []
+    embeddings = [part[2] for part in parts]
+    shapes = {tuple(e.encoder_hidden_states.shape[1:]) for e in embeddings}
+    keys = {tuple(sorted((k, tuple(v.shape[1:])) for k, v in e.added_cond.items())) for e in embeddings}
+    sizes = {tuple(part[0].shape[1:]) for part in parts}
+    if len(parts) == 1 or len(shapes) > 1 or len(keys) > 1 or len(sizes) > 1:
+        return [denoiser.predict(*part).float() for part in parts]
+    joined = denoiser.predict(torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]),
+                              PromptEmbeddings.cat(embeddings)).float()
+    return list(joined.split([part[0].shape[0] for part in parts]))
+
+
 def _objective(denoiser, data, config, indices, generator, device, low, high, parallel=None):
     module = denoiser.module
     index = torch.tensor(indices)
@@ -278,7 +297,9 @@ def _objective(denoiser, data, config, indices, generator, device, low, high, pa
                   denoiser.target(replay_latents, replay_noise, replay_t))
 
     metrics: Dict[str, float] = {}
-    need_reference = config.dpo_weight > 0 or (replay is not None and config.preservation_target == "reference")
+    pair_inputs = (noisy, both_t, both_embeddings)
+    replay_to_reference = replay is not None and config.preservation_target == "reference"
+    need_reference = config.dpo_weight > 0 or replay_to_reference
     reference_prediction = replay_reference = None
     # A fresh LoRA (all B = 0) is the identity: the reference equals the trained pass, so skip one pass.
     reuse_policy = need_reference and lora_is_identity(module)
@@ -286,15 +307,18 @@ def _objective(denoiser, data, config, indices, generator, device, low, high, pa
         set_lora_enabled(module, False)
         try:
             with torch.no_grad(), _autocast(config, device):
+                references = predict_joined(denoiser, ([pair_inputs] if config.dpo_weight > 0 else [])
+                                            + ([replay[:3]] if replay_to_reference else []))
                 if config.dpo_weight > 0:
-                    reference_prediction = denoiser.predict(noisy, both_t, both_embeddings).float()
-                if replay is not None and config.preservation_target == "reference":
-                    replay_reference = denoiser.predict(replay[0], replay[1], replay[2]).float()
+                    reference_prediction = references.pop(0)
+                if replay_to_reference:
+                    replay_reference = references.pop(0)
         finally:
             set_lora_enabled(module, True)  # before the trained pass: LoRA must get gradients
 
     with _autocast(config, device):
-        prediction = denoiser.predict(noisy, both_t, both_embeddings).float()
+        predictions = predict_joined(denoiser, [pair_inputs] + ([replay[:3]] if replay is not None else []))
+    prediction = predictions[0]
     if reuse_policy and config.dpo_weight > 0:
         reference_prediction = prediction.detach()
     mse = per_sample_mse(prediction, target)
@@ -314,8 +338,7 @@ def _objective(denoiser, data, config, indices, generator, device, low, high, pa
         loss = loss + config.sft_weight * pair_weight * sft
         metrics["sft_loss"] = float(sft.detach())
     if replay is not None:
-        with _autocast(config, device):
-            replay_prediction = denoiser.predict(replay[0], replay[1], replay[2]).float()
+        replay_prediction = predictions[1]
         if reuse_policy and config.preservation_target == "reference":
             replay_reference = replay_prediction.detach()
         target_replay = replay_reference if config.preservation_target == "reference" else replay[3]

@@ -45,6 +45,39 @@ def test_disabled_lora_is_the_base_network_and_every_lora_tensor_gets_a_gradient
     assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params.values())
 
 
+def test_pairs_and_replay_share_one_model_call_with_the_same_predictions():
+    """``predict_joined``: one call for the pair batch and the replay batch gives each its own predictions, and
+    batches that cannot be stacked (other image size) are predicted one by one."""
+    from comfyui_safetydpo.training_loop import predict_joined
+
+    bundle = tiny_bundle()
+    denoiser = denoiser_for_bundle(bundle)
+    calls = []
+    predict = denoiser.predict
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return predict(*args)
+
+    denoiser.predict = counted
+    pairs = (torch.randn(4, 3, 8, 8), torch.tensor([1, 200, 400, 999]),
+             bundle.encode_prompts(["a red square", "a blue square", "a red circle", "a green square"]))
+    replay = (torch.randn(2, 3, 8, 8), torch.tensor([50, 700]), bundle.encode_prompts(["a blue circle", "a square"]))
+    with torch.no_grad():
+        joined = predict_joined(denoiser, [pairs, replay])
+        apart = [predict(*pairs), predict(*replay)]
+    assert calls == [6]
+    assert [p.shape[0] for p in joined] == [4, 2]
+    for a, b in zip(joined, apart):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    calls.clear()
+    larger = (torch.randn(2, 3, 16, 16), torch.tensor([50, 700]), replay[2])
+    with torch.no_grad():
+        assert [p.shape for p in predict_joined(denoiser, [pairs, larger])] == [(4, 3, 8, 8), (2, 3, 16, 16)]
+    assert calls == [4, 2]
+    assert predict_joined(denoiser, []) == []
+
+
 def preference_win_rate(bundle, pairs, expert, draws=8):
     """Fraction of (pair, noise) draws where the expert prefers the winner more than the base does."""
     data = encode_preference_pairs(bundle, pairs)
