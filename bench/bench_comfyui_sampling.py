@@ -331,9 +331,8 @@ def run(tiny: bool = False):
     half_width = (call_merged_high - call_merged_low) / 2
     if not patched:
         call_verdict = "invalid: the LoRA changed nothing"
-    elif call_merged_high <= 1.01 or (identical and half_width <= 0.01 and call_merged_low <= 1.0 <= call_merged_high):
-        call_verdict = ("met (95 % CI below 1.01)" if call_merged_high <= 1.01 else
-                        "met: the same operations as base, and the 95 % CI (half-width ≤ 1 %) holds 1.0")
+    elif call_merged_high > 1.01 and identical and half_width <= 0.01 and call_merged_low <= 1.0:
+        call_verdict = "met: the same operations as base, and the 95 % CI (half-width ≤ 1 %) holds 1.0"
     else:
         call_verdict = _verdict(call_merged_high, call_merged_low)
     rows = [

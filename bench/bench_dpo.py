@@ -448,7 +448,8 @@ def profile_step(variant, i) -> dict:
 
 
 def step_times(cfg, names=TIMED, profile=True):
-    """Median seconds per step of every timed variant, interleaved round-robin in this process."""
+    """Median seconds per step of every timed variant, interleaved in a rotating order in this process; the share
+    of the official step spent encoding; where our step's time goes (with ``profile``); the per-round times."""
     variants = {name: make_variant(name, cfg) for name in names}
     for variant in variants.values():  # warm-up (ours: the first step skips the reference pass)
         variant.step(0)
@@ -462,9 +463,7 @@ def step_times(cfg, names=TIMED, profile=True):
     official = variants["official"]
     encode_share = statistics.median(official.encode_seconds[1:]) / statistics.median(times["official"])
     shares = profile_step(variants["ours"], cfg["repeats"] + 1) if profile else {}
-    if not profile:  # the per-round times too, for a paired interval
-        shares = {"rounds": times}
-    return {name: statistics.median(v) for name, v in times.items()}, encode_share, shares
+    return {name: statistics.median(v) for name, v in times.items()}, encode_share, shares, times
 
 
 def whole_run_times(cfg):
@@ -561,7 +560,7 @@ def run(tiny: bool = False):
     torch.set_num_threads(1)
     cfg = settings(tiny)
     try:
-        times, encode_share, profile = step_times(cfg)
+        times, encode_share, profile, _ = step_times(cfg)
         if tiny:  # smoke settings: in this process (the peak is reset before the steps; no fresh interpreter)
             memory = {name: peak_memory(name, cfg) for name in MEMORY[:2]}
         else:
@@ -582,8 +581,7 @@ def run(tiny: bool = False):
                          baseline=base + f" = {times['official']:.3f} s", goal=f"<= {GOALS['time']}",
                          verdict=verdict(ratio, GOALS["time"])))
     if real is not None:
-        real_times, real_share, real_rounds = real
-        rounds = real_rounds["rounds"]
+        real_times, real_share, _, rounds = real
         ratio, low, high = paired_ratio(rounds["ours"], rounds["official"])
         rows.append(dict(measure="DPO step time at SD1.5's real widths (860M UNet, SD VAE, CLIP-L text; random "
                                  f"weights; 256 px, 1 pair/step), ours: geometric mean of {len(rounds['ours'])} "
