@@ -79,6 +79,7 @@ class DemoSettings:
     all_baselines: bool = False  # also Co-Merge (row) and the supervised (non-DPO) experts
     one_on_all: bool = False  # one expert on all data (as many steps as all experts together); --all-checks
     weight_zero_checks: bool = True  # each concept's weight at 0 in turn: does only that concept come back?
+    merged_weight_zero: bool = False  # the same for the default merge (7 more merges and renders); --all-checks
     experts_alone: bool = False  # each expert applied alone: what it removes and changes before any merge; --all-checks
     synonyms: bool = False  # the gate on synonyms the world model learns afterwards (demo_synonyms); --all-checks
     gate: bool = True  # also measure the experts gated by prompt (concept_gate): each prompt meets only its concepts'
@@ -113,7 +114,7 @@ def quick_settings() -> DemoSettings:
     """
     return DemoSettings(concepts=3, images_per_prompt=2, sample_steps=10, expert_steps=100,
                         recipe=dict(DEMO_RECIPE, preservation_weight=1.0), all_baselines=False, one_on_all=False,
-                        experts_alone=True, synonyms=True)
+                        experts_alone=True, synonyms=True, merged_weight_zero=True)
 
 
 def _hash(value) -> str:
@@ -466,7 +467,7 @@ def _run_demo(output_dir, cache_dir, settings: Optional[DemoSettings], fresh: bo
                     images[GATED_ONE_ON_ALL_LABEL], base_readings, oracle, settings, results["base"]["per_concept"],
                     report, label="gated one expert on all data, ")
     weight_zero = None
-    if settings.weight_zero_checks and len(experts) > 1:
+    if settings.weight_zero_checks and settings.merged_weight_zero and len(experts) > 1:
         weight_zero = weight_zero_check(bundle, merger, settings.merge_method, experts, items, base_images,
                                         base_readings, oracle, settings, results["base"]["per_concept"], report,
                                         results[default_name]["per_concept"])

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
                         help="also row Co-Merge and the supervised (non-DPO) experts")
     parser.add_argument("--all-checks", action="store_true",
                         help="also train one expert on all data (measured alone and behind the prompt gate), apply "
-                             "each expert alone and test the prompt gate on synonyms the world model learns "
+                             "each expert alone, check the default merge's per-concept weights and test the prompt gate on synonyms the world model learns "
                              "afterwards (what the README's three-seed table measures; the default run leaves them "
                              "out to stay short)")
     parser.add_argument("--merge", choices=("least_squares", "co_merge", "linear", "ties"), default=None,
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     if args.all_baselines:
         settings.all_baselines = True
     if args.all_checks:
-        settings.one_on_all = settings.experts_alone = settings.synonyms = True
+        settings.one_on_all = settings.experts_alone = settings.synonyms = settings.merged_weight_zero = True
     if args.merge:
         settings.merge_method = args.merge
     if args.workers < 0:
