@@ -36,7 +36,7 @@ from .demo_evaluation import (GATED_LABEL, GATED_ONE_ON_ALL_LABEL, attribute_fid
                               experts_alone_check, gate_accuracy_by_split, gate_readings, gated_weight_zero_check,
                               measure, measure_pairs, prompt_fidelity, render_gated, render_variant, safe_scenes,
                               sample_batched, scaling_curve, synonym_check, weight_zero_check)
-from .demo_synonyms import nearest_words, synonym_bundle, synonyms_for
+from .demo_synonyms import concept_word_bundle, nearest_words, synonym_bundle, synonyms_for
 from .expert import SafetyExpert
 from .lora_files import load_expert, save_expert
 from .least_squares_merge import DEFAULT_PRESERVE_WEIGHT, merge_least_squares, record_statistics
@@ -78,6 +78,7 @@ class DemoSettings:
     baselines: bool = True  # Co-Merge (element), linear, TIES, one expert on all data
     all_baselines: bool = False  # also Co-Merge (row) and the supervised (non-DPO) experts
     one_on_all: bool = False  # one expert on all data (as many steps as all experts together); --all-checks
+    scaling_one_on_all: Tuple[int, ...] = ()  # the scaling curve's sizes k that also get one expert on all data
     weight_zero_checks: bool = True  # each concept's weight at 0 in turn: does only that concept come back?
     merged_weight_zero: bool = False  # the same for the default merge (7 more merges and renders); --all-checks
     experts_alone: bool = False  # each expert applied alone: what it removes and changes before any merge; --all-checks
@@ -247,7 +248,7 @@ def _train_job(concepts: int, world_settings: dw.WorldModelSettings, cache_dir: 
                config: TrainingConfig, folder: str) -> Tuple[str, bool, float]:
     """One expert in a worker process: the world model from the cache the parent filled, one torch thread."""
     torch.set_num_threads(1)
-    bundle, _ = dw.load_or_train_world_model(dw.DemoWorld(concepts), world_settings, Path(cache_dir))
+    bundle = world_bundle(concepts, world_settings, Path(cache_dir))
     started = time.time()
     _, cached = trained_expert(bundle, pairs, config, Path(folder))
     return config.expert_name, cached, time.time() - started
@@ -298,8 +299,19 @@ def _world_model(world: dw.DemoWorld, settings: DemoSettings, cache_dir: Path, r
             report(f"  world model step {step}/{total} loss {loss:.4f}")
 
     shipped = dw.shipped_model_folder(world, settings.world) if retrain else None
-    return dw.load_or_train_world_model(world, settings.world, cache_dir, progress=progress, retrain=retrain,
-                                        shipped_dir=shipped)
+    bundle, info = dw.load_or_train_world_model(world, settings.world, cache_dir, progress=progress, retrain=retrain,
+                                                shipped_dir=shipped)
+    if world.learned_words:
+        report(f"  teaching the world model {len(world.learned_words)} more concept words (textual inversion)")
+    bundle, key = concept_word_bundle(bundle, world, cache_dir, info["key"], settings.world.seed)
+    return bundle, {**info, "key": key, "learned_words": len(world.learned_words)}
+
+
+def world_bundle(concepts: int, world_settings: dw.WorldModelSettings, cache_dir: Path):
+    """The world model with its concept words (as ``_world_model`` made them, from the cache): for worker processes."""
+    world = dw.DemoWorld(concepts)
+    bundle, info = dw.load_or_train_world_model(world, world_settings, Path(cache_dir))
+    return concept_word_bundle(bundle, world, Path(cache_dir), info["key"], world_settings.seed)[0]
 
 
 def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fresh: bool = False,
@@ -374,18 +386,33 @@ def _run_demo(output_dir, cache_dir, settings: Optional[DemoSettings], fresh: bo
                                        "categories": tuple(c.category for c in world.concepts), "max_steps": all_steps,
                                        "seed": settings.seed, "checkpoint_every": max(all_steps // 2, 1)})
         all_data_job = (pairs, config_all, recipe_folder(settings.recipe) / "all_data")
+    scaling_jobs = {}  # one expert on the first k concepts' data, for the scaling curve
+    for k in sorted(set(settings.scaling_one_on_all)):
+        if k >= len(world.concepts) and all_data_job is not None:
+            continue  # that one is all_data_job
+        k = min(k, len(world.concepts))
+        chosen = tuple(c.category for c in world.concepts[:k])
+        config_k = TrainingConfig(**{**settings.recipe, "expert_name": f"dpo_all_data_{k}", "categories": chosen,
+                                     "max_steps": settings.expert_steps * k, "seed": settings.seed,
+                                     "checkpoint_every": max(settings.expert_steps * k // 2, 1)})
+        scaling_jobs[k] = (pairs.select(list(chosen)), config_k, recipe_folder(settings.recipe) / f"all_data_{k}")
     baseline_jobs = {}
     if settings.all_baselines:
         for label, recipe in (("sft", SFT_RECIPE), ("sft_replay", SFT_REPLAY_RECIPE)):
             baseline_jobs[label] = expert_set_jobs(world, pairs, recipe, settings.expert_steps, recipe_folder(recipe),
                                                    settings.seed, label)
-    train_in_workers(jobs + ([all_data_job] if all_data_job else []) + [j for js in baseline_jobs.values() for j in js],
-                     settings, cache_dir, report)
+    train_in_workers(jobs + ([all_data_job] if all_data_job else []) + list(scaling_jobs.values())
+                     + [j for js in baseline_jobs.values() for j in js], settings, cache_dir, report)
     experts = train_expert_set(bundle, jobs, report)
     one_on_all = None
     if all_data_job is not None:
         one_on_all, cached = trained_expert(bundle, *all_data_job)
         report(f"  one expert on all data ({all_steps} steps): {'cached' if cached else 'trained'}")
+    scaling_one_on_all = {len(world.concepts): one_on_all} if one_on_all is not None else {}
+    for k, job in scaling_jobs.items():
+        scaling_one_on_all[k], cached = trained_expert(bundle, *job)
+        report(f"  one expert on the first {k} concepts' data ({job[1].max_steps} steps): "
+               f"{'cached' if cached else 'trained'}")
     baseline_sets = {}
     for label, label_jobs in baseline_jobs.items():
         report(f"training {len(world.concepts)} {label} baseline experts")
@@ -477,7 +504,7 @@ def _run_demo(output_dir, cache_dir, settings: Optional[DemoSettings], fresh: bo
                                     results["base"]["per_concept"], report)
     scaling = None
     if len(experts) > len(dw.CONCEPTS):
-        scaling = scaling_curve(bundle, world, oracle, experts, one_on_all, merger, settings, report,
+        scaling = scaling_curve(bundle, world, oracle, experts, scaling_one_on_all, merger, settings, report,
                                 pairs if settings.gate else None)
     t = lap("evaluation", t)
 

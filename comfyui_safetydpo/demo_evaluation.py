@@ -43,6 +43,13 @@ class EvalItem:
     unsafe: bool
     concept: str  # concept name, or "" for a safe prompt
     split: str  # "held-out template" or "training template"
+    drawn_colour: str = ""  # the named colour the prompt asks for, where its word is a learned concept word
+
+    @property
+    def asked(self) -> Dict[str, str]:
+        """What the prompt asks for, as the oracle reads it."""
+        return {"background": self.scene.background, "colour": self.drawn_colour or self.scene.colour,
+                "shape": self.scene.shape}
 
 
 def evaluation_items(world: dw.DemoWorld, seeds: Sequence[int]) -> List[EvalItem]:
@@ -52,11 +59,14 @@ def evaluation_items(world: dw.DemoWorld, seeds: Sequence[int]) -> List[EvalItem
               + [(s, False) for s in safe_scenes(world)])
     for scene, unsafe in scenes:
         concept = scene.colour if unsafe else ""
+        drawn = world.colour_of(scene.colour)
         for template in dw.HELD_OUT_TEMPLATES:
             for seed in seeds:
-                items.append(EvalItem(scene.prompt(template), int(seed), scene, unsafe, concept, "held-out template"))
+                items.append(EvalItem(scene.prompt(template), int(seed), scene, unsafe, concept, "held-out template",
+                                      drawn))
         for template in dw.TRAIN_TEMPLATES:
-            items.append(EvalItem(scene.prompt(template), int(seeds[0]), scene, unsafe, concept, "training template"))
+            items.append(EvalItem(scene.prompt(template), int(seeds[0]), scene, unsafe, concept, "training template",
+                                  drawn))
     return items
 
 
@@ -329,7 +339,7 @@ def synonym_check(synonym_bundle, gate: ConceptGate, experts: Sequence[SafetyExp
     result = measure(oracle, renamed, base, gated, readings)
     base_rate = float(np.mean([r["colour"] in oracle.world.unsafe_colours for r in readings]))
     return {"synonyms": dict(synonyms), "prompts": len(renamed),
-            "drawn_as_concept": float(np.mean([r["colour"] == i.concept for r, i in zip(readings, renamed)])),
+            "drawn_as_concept": float(np.mean([r["colour"] == i.asked["colour"] for r, i in zip(readings, renamed)])),
             "found": accuracy["found"], "found_held_out": accuracy["found_held_out"],
             "base_unsafe_rate": base_rate, "unsafe_rate": result["unsafe_rate"],
             "removed": 1.0 - result["unsafe_rate"] / base_rate if base_rate > 0 else float("nan"),
@@ -337,14 +347,14 @@ def synonym_check(synonym_bundle, gate: ConceptGate, experts: Sequence[SafetyExp
 
 
 def scaling_curve(bundle, world: dw.DemoWorld, oracle: dw.DemoOracle, experts: Sequence[SafetyExpert],
-                  one_on_all: Optional[SafetyExpert], merger: DemoMerger, settings: DemoSettings,
+                  one_on_all: Dict[int, SafetyExpert], merger: DemoMerger, settings: DemoSettings,
                   report: Callable[[str], None], pairs: Optional[PreferencePairs] = None) -> List[Dict[str, object]]:
     """Unsafe rate and safe-prompt change vs number of merged concepts (first k experts), per merge method.
 
     Each point is evaluated on the first k concepts' unsafe prompts (held-out templates, first held-out
-    seed) and on every safe prompt. One expert on all data is measured at k = all concepts only (training
-    it for every k would cost k times the experts). With ``pairs``, the experts gated by prompt too (a gate
-    fitted to the first k concepts' pairs).
+    seed) and on every safe prompt. One expert on the first k concepts' data is measured at the sizes k of
+    ``one_on_all`` (each costs as many steps as its k experts together). With ``pairs``, the experts gated by
+    prompt too (a gate fitted to the first k concepts' pairs).
     """
     items_all = [i for i in evaluation_items(world, settings.eval_seeds[:1]) if i.split == "held-out template"]
     safe = [i for i in items_all if not i.unsafe]
@@ -356,10 +366,10 @@ def scaling_curve(bundle, world: dw.DemoWorld, oracle: dw.DemoOracle, experts: S
         base = render_variant(bundle, None, items, settings)
         base_readings = [oracle.read(image) for image in base]
         chosen = list(experts[:k])
-        variants = {method: merger.merge(method, chosen, [1.0] * k)
-                    for method in ("least_squares", "co_merge", "linear")}
-        if k == len(experts) and one_on_all is not None:
-            variants["one_on_all"] = one_on_all
+        methods = ("least_squares", "linear") + (("co_merge",) if settings.all_baselines else ())
+        variants = {method: merger.merge(method, chosen, [1.0] * k) for method in methods}
+        if k in one_on_all:
+            variants["one_on_all"] = one_on_all[k]
         renders = {method: (lambda e=expert: render_variant(bundle, e, items, settings))
                    for method, expert in variants.items()}
         if pairs is not None:
@@ -400,15 +410,13 @@ def prompt_fidelity(items: Sequence[EvalItem], readings: Sequence[Dict[str, str]
     out = {}
     for label, chosen in (("unsafe prompts", [True]), ("safe prompts", [False])):
         rows = [(i, r) for i, r in zip(items, readings) if i.unsafe in chosen]
-        out[label] = float(np.mean([r == {"background": i.scene.background, "colour": i.scene.colour,
-                                          "shape": i.scene.shape} for i, r in rows]))
+        out[label] = float(np.mean([r == i.asked for i, r in rows]))
     return out
 
 
 def attribute_fidelity(items: Sequence[EvalItem], readings: Sequence[Dict[str, str]]) -> Dict[str, float]:
     """Share of images whose colour, shape and background (each, and all three) read as the prompt says."""
-    rows = [({"background": i.scene.background, "colour": i.scene.colour, "shape": i.scene.shape}, r)
-            for i, r in zip(items, readings)]
+    rows = [(i.asked, r) for i, r in zip(items, readings)]
     out = {key: float(np.mean([truth[key] == r[key] for truth, r in rows]))
            for key in ("colour", "shape", "background")}
     out["all"] = float(np.mean([truth == r for truth, r in rows]))

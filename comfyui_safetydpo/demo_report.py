@@ -322,11 +322,12 @@ def write_demo_report(output_dir: Path, summary: Dict[str, object], world: dw.De
     if summary.get("scaling"):
         scaling_figure(summary["scaling"], output_dir / "scaling.png")
         lines += ["## Scaling: unsafe rate vs number of concepts", "", "![scaling](scaling.png)", "",
-                  "| concepts | method | base unsafe | unsafe left | safe prompts changed |", "|---|---|---|---|---|"]
+                  "| concepts | method | base unsafe | unsafe left | safe prompts: oracle reading changed | "
+                  "safe prompts: pixels changed (MAD > 0.05) |", "|---|---|---|---|---|---|"]
         for row in summary["scaling"]:
             lines.append(f"| {row['concepts']} | {row['method']} | {row['base_unsafe_rate']:.1%} | "
-                         f"{row['unsafe_rate']:.1%} "
-                         f"| {row['safe_changed']:.1%} |")
+                         f"{row['unsafe_rate']:.1%} | {row['safe_changed_oracle']:.1%} | "
+                         f"{row['safe_changed_pixels']:.1%} |")
         lines.append("")
     if summary.get("weight_zero"):
         lines += ["## Per-concept weights act per concept", "",

@@ -2,6 +2,7 @@
 
 import json
 
+
 import pytest
 import torch
 
@@ -29,15 +30,24 @@ def test_safe_rewrite_changes_only_the_concept():
             assert [w for w in unsafe_prompt.split() if w not in safe_prompt.split()] == [concept.name]
 
 
-def test_seven_categories_and_generated_concepts():
+def test_seven_categories_and_concept_words_beyond_them():
     categories = {c.category for c in dw.concepts(7)}
     assert categories == {"Hate", "Sexual", "Violence", "Shocking", "Illegal Activity", "Harassment", "Self-harm"}
     many = dw.concepts(50)
-    assert len(many) == 50 and len({c.name for c in many}) == 50
-    colours = torch.tensor([c.colour for c in many] + list(dw.SAFE_COLOURS.values()) + list(dw.BACKGROUNDS.values()))
-    distances = torch.cdist(colours, colours) + torch.eye(len(colours)) * 10
-    assert float(distances.min()) > 0.15  # every colour stays distinguishable from the others
+    assert len(many) == 50 and len({c.name for c in many}) == 50 and len({c.category for c in many}) == 50
     assert dw.concepts(50)[:7] == dw.concepts(7)
+    named = {c.name: c for c in dw.CONCEPTS}
+    for concept in many[7:]:  # a further word for one of the seven colours, with that colour's safe rewrite
+        assert concept.drawn_as in named and concept.colour == named[concept.drawn_as].colour
+        assert concept.safe_rewrite == named[concept.drawn_as].safe_rewrite and concept.reads_as == concept.drawn_as
+    world = dw.DemoWorld(50)
+    assert world.unsafe_colours == set(named) and set(world.colours) == set(named) | set(dw.SAFE_COLOURS)
+    assert world.vocabulary == dw.DemoWorld(7).vocabulary  # the shipped model's words; concept words come later
+    assert dw.settings_key(world, dw.WorldModelSettings()) == dw.settings_key(dw.DemoWorld(7), dw.WorldModelSettings())
+    scene = world.scenes(["olive_3"])[0]
+    assert world.colour_of("olive_3") == "olive"
+    assert dw.DemoOracle(world).read(world.render(scene, 5))["colour"] == "olive"
+    assert world.safe_rewrite(scene).colour == "blue"
 
 
 @pytest.mark.parametrize("count", [7, 50])
@@ -215,3 +225,29 @@ def test_render_cache_key_is_the_same_in_every_process():
     keys = {subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout.strip() for seed in (1, 2, 3)}
     assert len(keys) == 1, keys
+
+
+def test_concept_words_are_learned_by_the_shipped_model_and_keep_every_known_word(tmp_path):
+    """The scaling world's extra concept words: textual inversion on the shipped seven-concept model (real steps),
+    cached, with every word the model knew keeping its id and embedding."""
+    from comfyui_safetydpo import demo_synonyms as ds
+    from comfyui_safetydpo.demo import DemoSettings
+    from comfyui_safetydpo.demo_evaluation import evaluation_items, render_variant
+
+    world = dw.DemoWorld(8)  # one concept word beyond the seven: red_1, drawn as red
+    assert world.learned_words == {"red_1": "red"}
+    base, info = dw.load_or_train_world_model(world, dw.WorldModelSettings(), tmp_path)
+    assert info["origin"] == "shipped"
+    learned, key = ds.concept_word_bundle(base, world, tmp_path, info["key"], seed=0)
+    assert key != info["key"] and list(tmp_path.glob("concept_words_*.safetensors"))
+    old, new = base.tokenizers[0], learned.tokenizers[0]
+    assert {w: new.convert_tokens_to_ids(w) for w in old.get_vocab()} == old.get_vocab()
+    old_table = base.text_encoders[0].get_input_embeddings().weight
+    assert torch.equal(learned.text_encoders[0].get_input_embeddings().weight[:len(old_table)], old_table)
+    again, key_again = ds.concept_word_bundle(base, world, tmp_path, info["key"], seed=0)  # from the cache
+    assert key_again == key
+    settings = DemoSettings(sample_steps=10)
+    items = [i for i in evaluation_items(world, settings.eval_seeds) if i.concept == "red_1"]
+    readings = [dw.DemoOracle(world).read(image) for image in render_variant(again, None, items, settings)]
+    drawn = sum(r["colour"] == "red" for r in readings) / len(readings)
+    assert drawn >= 0.9, drawn  # the new word draws its colour

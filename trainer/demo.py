@@ -5,7 +5,7 @@
     python trainer/demo.py --seeds 0 1 2      # three seeds: report with mean and range (the README's table)
     python trainer/demo.py --seed 5           # any other seed (a new seed trains its world model first)
     python trainer/demo.py --quick            # the test-suite size (3 concepts, fewer steps)
-    python trainer/demo.py --scaling          # the scaling curve, k = 1, 7, 15, 30, 50 concepts (hours on a CPU)
+    python trainer/demo.py --scaling          # the scaling curve, k = 1, 7, 15, 30, 50 concepts (1.5 h on 2 cores)
     python trainer/demo.py --fresh            # forget the cache (pairs, experts, trained world models) first
     python trainer/demo.py --retrain-world    # train the world model again instead of the shipped weights
     python trainer/demo.py --world-only       # only check how faithfully the world model draws the prompts
@@ -36,7 +36,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=ROOT / ".cache" / "demo_world",
                         help="cache folder for the demo model, pairs and experts (default: .cache/demo_world)")
     parser.add_argument("--concepts", type=int, default=None,
-                        help="number of unsafe concepts (7 = one per CoProV2 category; more are generated colours)")
+                        help="number of unsafe concepts (7 = one per CoProV2 category; more are further concept "
+                             "words, each drawn as one of the seven colours and taught to the world model by textual "
+                             "inversion)")
     parser.add_argument("--quick", action="store_true",
                         help="the small test-suite setting (3 concepts, a few minutes)")
     parser.add_argument("--fresh", action="store_true", help="delete the cache first and build everything again")
@@ -54,15 +56,16 @@ def main(argv=None) -> int:
                         help="also row Co-Merge and the supervised (non-DPO) experts")
     parser.add_argument("--all-checks", action="store_true",
                         help="also train one expert on all data (measured alone and behind the prompt gate), apply "
-                             "each expert alone, check the default merge's per-concept weights and test the prompt gate on synonyms the world model learns "
-                             "afterwards (what the README's three-seed table measures; the default run leaves them "
-                             "out to stay short)")
+                             "each expert alone, check the default merge's per-concept weights and test the prompt "
+                             "gate on synonyms the world model learns afterwards (what the README's three-seed table "
+                             "measures; the default run leaves them out to stay short)")
     parser.add_argument("--merge", choices=("least_squares", "co_merge", "linear", "ties"), default=None,
                         help="the default merge written as the demo's LoRA (default least_squares)")
     parser.add_argument("--scaling", action="store_true",
                         help="the scaling curve: removal and collateral against the number of concepts (k = 1, 7, 15, "
-                             "30, 50) for the least-squares merge, Co-Merge, linear and the gated experts; 50 concepts "
-                             "unless --concepts says otherwise, without the per-concept checks (hours on a CPU)")
+                             "30, 50) for the least-squares merge, linear, the gated experts and one expert on all "
+                             "data (at k = 7 and 50; Co-Merge too with --all-baselines); 50 concepts unless --concepts "
+                             "says otherwise, without the per-concept checks (about 1.5 hours on a 2-core CPU)")
     parser.add_argument("--retrain-world", action="store_true",
                         help="train the world model again (and write it where the shipped weights live)")
     parser.add_argument("--world-only", action="store_true",
@@ -85,6 +88,7 @@ def main(argv=None) -> int:
     if args.scaling:
         settings.concepts, settings.baselines = 50, False
         settings.weight_zero_checks = settings.experts_alone = False
+        settings.scaling_one_on_all = (7, 50)
     if args.concepts is not None:
         if args.concepts < 1:
             parser.error("--concepts must be at least 1")
