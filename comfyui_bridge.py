@@ -21,6 +21,7 @@ import hashlib
 import logging
 import math
 import os
+import weakref
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -506,22 +507,39 @@ def _token_embedding(clip, key: str) -> torch.Tensor:
     return transformer.get_input_embeddings().weight
 
 
-_GATES: Dict[Tuple, concept_gate.ConceptGate] = {}
+_GATES: Dict[Tuple, Tuple[weakref.ref, concept_gate.ConceptGate]] = {}
+
+
+def _clip_state(clip) -> Tuple:
+    """What the prompt states the gate reads depend on: the text encoder object, its patches (a LoRA on the CLIP
+    changes them) and the layer it reads (CLIP Set Last Layer)."""
+    patcher = getattr(clip, "patcher", None)
+    return (id(getattr(clip, "cond_stage_model", clip)), str(getattr(patcher, "patches_uuid", "")),
+            repr(getattr(clip, "layer_idx", None)))
 
 
 def prompt_gate(clip, chain: Sequence, pairs: Sequence = (), safe_prompts: Sequence[str] = ()):
-    """The chain's prompt gate for this CLIP, built once per CLIP, experts and references (kept for 4 chains)."""
+    """The chain's prompt gate for this CLIP, built once per CLIP state, experts and references (kept for 4).
+
+    The cache holds a weak reference to the text encoder it was built with: an entry whose encoder is gone is
+    never used for another that Python placed at the same address."""
     experts = [choice.expert for choice in chain]
     names_seen = [e.name for e in experts]
     if len(set(names_seen)) != len(names_seen):
         raise MergeError(f"the prompt gate needs distinct expert names, got {names_seen}; rename the files")
     references = concept_gate.references_for_experts(experts, pairs)
-    key = (id(getattr(clip, "cond_stage_model", clip)), repr(sorted(references.items())), tuple(safe_prompts))
-    if key not in _GATES:
-        if len(_GATES) >= 4:
-            _GATES.pop(next(iter(_GATES)))
-        _GATES[key] = concept_gate.build_concept_gate(gate_prompt_encoder(clip), references, safe_prompts)
-    return _GATES[key]
+    encoder = getattr(clip, "cond_stage_model", clip)
+    key = (_clip_state(clip), repr(sorted(references.items())), tuple(safe_prompts))
+    cached = _GATES.get(key)
+    if cached is not None and cached[0]() is encoder:
+        return cached[1]
+    for stale in [k for k, (ref, _) in _GATES.items() if ref() is None]:
+        del _GATES[stale]
+    if len(_GATES) >= 4:
+        _GATES.pop(next(iter(_GATES)))
+    gate = concept_gate.build_concept_gate(gate_prompt_encoder(clip), references, safe_prompts)
+    _GATES[key] = (weakref.ref(encoder), gate)
+    return gate
 
 
 def apply_experts_by_prompt(model, clip, chain: Sequence, prompt: str, strength: float, pairs: Sequence = (),

@@ -7,7 +7,10 @@ use must turn on exactly their concept's expert; safe prompts must leave the mod
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
+import torch
 
 from comfyui_safetydpo import concept_gate, lora_files
 from comfyui_safetydpo.errors import MergeError
@@ -76,6 +79,28 @@ def test_gate_accuracy_on_unseen_templates(gated_setup):
             truth += [word, None]
     accuracy = concept_gate.gate_accuracy(gate, encode, prompts, truth)
     assert accuracy["found"] == 1.0 and accuracy["safe_on"] == 0.0, accuracy
+
+
+def test_the_gate_is_built_once_per_clip_state(gated_setup):
+    """Reused for the same CLIP (and a clone without patches); built again when a LoRA patches the CLIP or another
+    layer is read, since the states it reads change; never taken from an entry whose encoder is gone."""
+    _, _, clip, chain = gated_setup
+    bridge = load_bridge()
+    gate = bridge.prompt_gate(clip, chain)
+    assert bridge.prompt_gate(clip, chain) is gate and bridge.prompt_gate(clip.clone(), chain) is gate
+    skipped = clip.clone()
+    skipped.clip_layer(-2)
+    assert bridge.prompt_gate(skipped, chain) is not gate
+    patched = clip.clone()
+    name, weight = next((k, v) for k, v in patched.patcher.model.state_dict().items() if k.endswith("q_proj.weight"))
+    assert patched.add_patches({name: ("diff", (torch.zeros_like(weight),))}) == [name]
+    assert bridge.prompt_gate(patched, chain) is not gate
+    gone = torch.nn.Linear(1, 1)
+    dead = weakref.ref(gone)
+    del gone
+    key = next(k for k, (_, cached) in bridge._GATES.items() if cached is bridge.prompt_gate(clip, chain))
+    bridge._GATES[key] = (dead, "a gate built for an encoder that no longer exists")
+    assert isinstance(bridge.prompt_gate(clip, chain), concept_gate.ConceptGate)
 
 
 def test_experts_without_references_and_empty_prompts_are_refused(gated_setup, sd15_checkpoint, tmp_path):
