@@ -32,7 +32,6 @@ give a half-width of about 1 %.
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import sys
@@ -42,6 +41,8 @@ from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
+sys.path.insert(0, str(BENCH_DIR))
+from ratio_statistics import ratio_interval  # noqa: E402
 
 EXPERTS = 7
 RANK = 4
@@ -123,24 +124,6 @@ def _server_seconds(entry, fallback: float) -> float:
     if stamps.get("execution_start") and stamps.get("execution_success"):
         return (stamps["execution_success"] - stamps["execution_start"]) / 1000.0
     return fallback
-
-
-T95 = {1: 12.71, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-       12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000}
-
-
-def _t95(df: int) -> float:
-    return T95[max(k for k in T95 if k <= df)] if df >= 1 else float("inf")
-
-
-def ratio_interval(numerator, denominator):
-    """Geometric-mean paired ratio and its 95 % confidence interval (Student t on log ratios)."""
-    logs = [math.log(a / b) for a, b in zip(numerator, denominator)]
-    mean = statistics.fmean(logs)
-    if len(logs) < 2:
-        return math.exp(mean), 0.0, float("inf")
-    half = _t95(len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
-    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def operation_trace(function) -> list:

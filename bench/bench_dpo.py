@@ -543,8 +543,7 @@ def flop_counts(pairs: int = 2) -> dict:
 
 def paired_ratio(numerator, denominator):
     """Geometric mean of paired ratios with its 95 % Student-t interval (the sampling bench's statistic)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_comfyui_sampling import ratio_interval
+    from ratio_statistics import ratio_interval
 
     return ratio_interval(numerator, denominator)
 
