@@ -6,6 +6,9 @@ the concept: textual inversion (Gal et al. 2022). Only the new words' embedding 
 starting points, on renders of the concept's scenes described with the new word; the UNet, the text encoder and
 every existing word stay as they were. The base model then draws the new word as the concept (measured), while
 the gate and the experts were built from prompts that never contain it.
+
+The same textual inversion (``learn_words``) teaches the scaling world's concept words beyond the seven
+(``concept_word_bundle``): ``red_1``, ``purple_1``, … each drawn as one of the seven colours.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ log = logging.getLogger(__name__)
 
 SYNONYMS = {"red": "crimson", "purple": "violet", "orange": "tangerine", "pink": "rose", "cyan": "aqua",
             "brown": "chocolate", "olive": "khaki"}
-"""One new word per named concept (the generated colours of the scaling world have none)."""
+"""One new word per named concept (the scaling world's further concept words have none)."""
 
 SYNONYM_STEPS = 200  # the textual-inversion loss stopped falling after about 100 steps of 64 images
 
