@@ -29,7 +29,7 @@ import torch
 
 from . import demo_world as dw
 from . import files
-from .calibration import calibrate_bundle, diffusers_module_lookup, expert_fingerprint
+from .calibration import CalibrationStatistics, calibrate_bundle, diffusers_module_lookup, expert_fingerprint
 from .concepts import PromptPair
 from .demo_evaluation import (GATED_LABEL, GATED_ONE_ON_ALL_LABEL, attribute_fidelity, cached_renders,
                               demo_gate, evaluation_items,
@@ -573,12 +573,19 @@ class DemoMerger:
         return kind, tuple(expert_fingerprint(e) for e in experts)
 
     def co_merge_statistics(self, experts: Sequence[SafetyExpert]):
-        key = self._key("co_merge", experts)
-        if key not in self._statistics:
+        """Co-Merge statistics of these experts; each expert is calibrated once (same prompts, noise and
+        timesteps for every expert), so the scaling curve's subsets reuse the larger sets' entries."""
+        known = self._statistics.setdefault(("co_merge", "per expert"), {})
+        fingerprints = [expert_fingerprint(e) for e in experts]
+        missing = list({f: e for e, f in zip(experts, fingerprints) if f not in known}.values())
+        if missing:
             prompts = [p.prompt for p in prompt_pairs(self.world)] + replay_prompts(self.world)
-            self._statistics[key] = calibrate_bundle(self.bundle, experts, prompts, seed=self.settings.seed,
-                                                     batch_size=64)
-        return self._statistics[key]
+            measured = calibrate_bundle(self.bundle, missing, prompts, seed=self.settings.seed, batch_size=64)
+            for expert in missing:
+                known[measured.fingerprints[expert.name]] = (measured.experts[expert.name], measured.info)
+        info = dict(known[fingerprints[0]][1])
+        return CalibrationStatistics({e.name: known[f][0] for e, f in zip(experts, fingerprints)},
+                                     {e.name: f for e, f in zip(experts, fingerprints)}, info)
 
     def least_squares_statistics(self, experts: Sequence[SafetyExpert]):
         key = self._key("least_squares", experts)

@@ -366,7 +366,7 @@ def scaling_curve(bundle, world: dw.DemoWorld, oracle: dw.DemoOracle, experts: S
         base = render_variant(bundle, None, items, settings)
         base_readings = [oracle.read(image) for image in base]
         chosen = list(experts[:k])
-        methods = ("least_squares", "linear") + (("co_merge",) if settings.all_baselines else ())
+        methods = ("least_squares", "co_merge", "linear")  # SafetyDPO's own merge is the claim under test
         variants = {method: merger.merge(method, chosen, [1.0] * k) for method in methods}
         if k in one_on_all:
             variants["one_on_all"] = one_on_all[k]

@@ -143,6 +143,26 @@ def test_second_run_reuses_the_cache(quick_run):
         assert second.summary["results"][variant] == first.summary["results"][variant], variant
 
 
+def test_co_merge_statistics_are_measured_once_per_expert(quick_run):
+    """The scaling curve merges the first k experts for growing k: each expert's Co-Merge statistics are measured
+    once and reused, and equal what a calibration of the subset alone gives."""
+    folder, _, _ = quick_run
+    settings = demo.quick_settings()
+    world = demo_world.DemoWorld(settings.concepts)
+    bundle = demo.world_bundle(settings.concepts, settings.world, folder / "cache")
+    paths = sorted((folder / "cache").rglob("dpo_*.safetensors"))
+    experts = [lora_files.load_expert(p) for p in paths if "all_data" not in p.stem][:settings.concepts]
+    assert len(experts) == settings.concepts
+    reused = demo.DemoMerger(bundle, world, settings)
+    everything = reused.co_merge_statistics(experts)
+    subset = reused.co_merge_statistics(experts[:2])
+    alone = demo.DemoMerger(bundle, world, settings).co_merge_statistics(experts[:2])
+    assert set(subset.experts) == {e.name for e in experts[:2]} and subset.fingerprints == alone.fingerprints
+    assert subset.content_hash() == alone.content_hash()
+    assert everything.experts[experts[0].name] is subset.experts[experts[0].name]  # not measured twice
+    subset.check_experts(experts[:2])
+
+
 def test_seed_changes_pairs_experts_and_evaluation_seeds():
     zero, one = demo.quick_settings(), demo.quick_settings().with_seed(1)
     assert one.world.seed == 1 and one.pair_base_seed == 1 and one.seed == 1
