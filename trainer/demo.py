@@ -63,9 +63,9 @@ def main(argv=None) -> int:
                         help="the default merge written as the demo's LoRA (default least_squares)")
     parser.add_argument("--scaling", action="store_true",
                         help="the scaling curve: removal and collateral against the number of concepts (k = 1, 7, 15, "
-                             "30, 50) for the least-squares merge, Co-Merge, linear, the gated experts and one expert on "
-                             "all data (at k = 7 and 50); 50 concepts unless --concepts "
-                             "says otherwise, without the per-concept checks (about 1.5 hours on a 2-core CPU)")
+                             "30, 50) for the least-squares merge, Co-Merge, linear, the gated experts and one "
+                             "expert on all data (at k = 7 and 50); 50 concepts unless --concepts says otherwise, "
+                             "without the per-concept checks (about 1.5 hours on a 2-core CPU)")
     parser.add_argument("--retrain-world", action="store_true",
                         help="train the world model again (and write it where the shipped weights live)")
     parser.add_argument("--world-only", action="store_true",
