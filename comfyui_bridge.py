@@ -37,11 +37,12 @@ import folder_paths
 from .comfyui_safetydpo import calibration, extraction, least_squares_merge, lora_files, names, unet_keys
 from .comfyui_safetydpo import concept_gate
 from .comfyui_safetydpo.concept_gate import gate_metadata
-from .comfyui_safetydpo.encoding_cache import encode_preference_pairs, module_fingerprint
+from .comfyui_safetydpo.encoding_cache import encode_preference_pairs, module_fingerprint, vae_fingerprint
 from .comfyui_safetydpo.errors import (ArchitectureMismatchError, DatasetError, LoraFormatError, MergeError,
                                        SafetyDPOError, TrainingCancelled, TrainingError)
 from .comfyui_safetydpo.expert import SafetyExpert
 from .comfyui_safetydpo.models import PromptEmbeddings
+from .comfyui_safetydpo.pairs import RenderedImages, image_size
 from .comfyui_safetydpo.training import (TrainingConfig, TrainingResult, denoiser_for_ldm_unet,
                                          release_inference_tensors, train_lora)
 
@@ -645,26 +646,41 @@ def sample_latents(model, encode: PromptEncoder, prompt: str, seed: int, setting
                                denoise=1.0, disable_pbar=True, seed=int(seed))
 
 
+def latent_space(model, vae) -> str:
+    """The name of the space ``ComfyEncoder`` encodes into (VAE weights, latent format and scale): kept
+    sampler latents are used for training only in the same space."""
+    latent_format = model.model.latent_format
+    return vae_fingerprint(vae.first_stage_model, getattr(latent_format, "scale_factor", 1.0),
+                           f"comfy|{type(latent_format).__name__}|{getattr(latent_format, 'shift_factor', 0.0)}")
+
+
 class ComfyRenderer:
     """``render(prompts, seeds) -> [N, 3, H, W] in [-1, 1]`` with ComfyUI's sampling, one KSampler run per seed.
 
     The library's pair builder and evaluation call it like their own renderers, so pairs and evaluation
-    images come from exactly the MODEL in the graph, LoRAs and patches included.
+    images come from exactly the MODEL in the graph, LoRAs and patches included. ``keep_latents``: return
+    ``RenderedImages`` with the sampled latents in the UNet's space, which the pair builder keeps so that
+    training skips the VAE.
     """
 
-    def __init__(self, model, clip, vae, settings: SamplerSettings):
-        self.model, self.vae, self.settings = model, vae, settings
+    def __init__(self, model, clip, vae, settings: SamplerSettings, keep_latents: bool = False):
+        self.model, self.vae, self.settings, self.keep_latents = model, vae, settings, keep_latents
         self.encode = PromptEncoder(clip)
         self.encode(settings.negative_prompt)
 
-    def __call__(self, prompts, seeds) -> torch.Tensor:
-        images = []
+    def __call__(self, prompts, seeds):
+        images, latents = [], []
         for prompt, seed in zip(prompts, seeds):
-            decoded = self.vae.decode(sample_latents(self.model, self.encode, prompt, seed, self.settings))
+            sampled = sample_latents(self.model, self.encode, prompt, seed, self.settings)
+            decoded = self.vae.decode(sampled)
             if decoded.ndim == 5:  # video VAEs add a time axis
                 decoded = decoded.reshape(-1, *decoded.shape[-3:])
             images.append(decoded[:1, :, :, :3].float().cpu().movedim(-1, 1) * 2.0 - 1.0)
-        return torch.cat(images)
+            if self.keep_latents and sampled.ndim == 4:
+                latents.append(self.model.model.process_latent_in(sampled[:1]).float().cpu())
+        if not self.keep_latents or len(latents) != len(images):
+            return torch.cat(images)
+        return RenderedImages(torch.cat(images), torch.cat(latents), latent_space(self.model, self.vae))
 
 
 # -- merge statistics on ComfyUI's UNet ----------------------------------------------------------
@@ -752,9 +768,13 @@ def collect_comfy_least_squares_statistics(model, clip, experts: Sequence[Safety
 class ComfyEncoder:
     """Text and image encoding with the graph's CLIP and VAE, in the UNet's latent space."""
 
-    def __init__(self, model, clip, vae):
+    def __init__(self, model, clip, vae, pairs=None):
         self.model, self.clip, self.vae = model, clip, vae
-        self.size = None
+        self.size = None  # (height, width) of the images, for SDXL's size conditioning
+        if pairs is not None and len(pairs):  # kept sampler latents may mean no image is ever encoded
+            width, height = image_size(pairs.image_path(pairs.pairs[0].preferred_image))
+            self.size = (int(height), int(width))
+        self.latent_space = latent_space(model, vae)
 
     def encode_prompts(self, prompts):
         hidden, added = [], []
@@ -848,7 +868,8 @@ def train_expert(model, clip, vae, pairs, config: TrainingConfig, run_dir: Path,
 
     with torch.inference_mode(False), torch.enable_grad():
         with torch.no_grad():
-            encoded = encode_preference_pairs(ComfyEncoder(model, clip, vae), config.training_pairs(pairs),
+            training_pairs = config.training_pairs(pairs)
+            encoded = encode_preference_pairs(ComfyEncoder(model, clip, vae, training_pairs), training_pairs,
                                               run_dir / "cache", identity=identity)
         data = _cleaned(encoded)
         release_inference_tensors(unet)

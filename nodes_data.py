@@ -131,7 +131,7 @@ class BuildSafetyPairs(io.ComfyNode):
         sampler = {"sampler": sampler_name, "scheduler": scheduler, "steps": int(steps), "cfg": float(cfg),
                    "width": int(width), "height": int(height), "negative_prompt": negative_prompt,
                    "renderer": "comfyui"}
-        dataset = build_pairs(bridge.ComfyRenderer(model, clip, vae, settings), pairs, folder,
+        dataset = build_pairs(bridge.ComfyRenderer(model, clip, vae, settings, keep_latents=True), pairs, folder,
                               images_per_prompt=int(images_per_prompt), base_seed=int(seed), model_info=model_info,
                               sampler_settings=sampler, should_stop=lambda: bridge.check_cancel() or False,
                               progress=progress.update, replay_prompts=text_lines(replay_prompts))

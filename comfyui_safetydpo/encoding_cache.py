@@ -6,6 +6,11 @@ never waits for the whole set to be encoded up front, and never does more encodi
 loop, which encodes every batch); the disk cache is written once every item has been encoded. The
 cache is a safetensors file keyed by a hash of the model identity, the prompts and the image files'
 bytes; a corrupt or stale entry is rebuilt, never trusted.
+
+Images whose pair builder kept the sampler's latents (``latents/`` beside ``images/``) are not encoded
+at all when the encoder works in the same latent space (same VAE weights and scale, as the encoder's
+``latent_space`` names it) and the image bytes are the ones the latent was decoded to: training on a
+freshly built dataset then never runs the VAE.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 from . import files
 from .errors import DatasetError, LoraFormatError
 from .models import PromptEmbeddings
-from .pairs import PreferencePairs, load_image_tensor
+from .pairs import PreferencePairs, load_image_tensor, read_sampled_latent, sampled_latent_path
 from .training_config import EncodedPreferenceData
 
 CACHE_VERSION = "1"
@@ -50,21 +55,42 @@ def module_fingerprint(*modules, label: str = "") -> str:
     return digest.hexdigest()[:16]
 
 
+def vae_fingerprint(vae, scale: float, label: str) -> str:
+    """A latent space's name for kept sampler latents: the VAE's weights (at half precision, so that an fp16
+    and an fp32 load of the same file agree) and the latent scale."""
+    digest = hashlib.sha256(f"{label}|{float(scale)!r}".encode())
+    for index, value in enumerate(vae.state_dict().values()):
+        if index >= 4:
+            break
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(value.detach().reshape(-1)[:4096].cpu().half().numpy().tobytes())
+    return f"{label}|{digest.hexdigest()[:16]}"
+
+
 def _cache_key(bundle, pairs: PreferencePairs, identity: Optional[str] = None) -> str:
     digest = hashlib.sha256(CACHE_VERSION.encode())
     digest.update((identity or _model_identity(bundle)).encode())
     for pair in pairs.pairs:
         digest.update(json.dumps([pair.pair_id, pair.prompt, pair.preferred_image, pair.rejected_image]).encode())
         for rel in (pair.preferred_image, pair.rejected_image):
-            path = pairs.image_path(rel)
-            if path.is_file():
-                digest.update(bytes.fromhex(files.sha256_file(path)))
+            _digest_image(digest, pairs, rel)
     for item in pairs.replay:
         digest.update(json.dumps([item.item_id, item.prompt, item.image]).encode())
-        path = pairs.image_path(item.image)
+        _digest_image(digest, pairs, item.image)
+    return digest.hexdigest()[:24]
+
+
+def _digest_image(digest, pairs: PreferencePairs, relative: str) -> None:
+    """The image's bytes, and those of its kept sampler latent (whether it is used changes the encoding)."""
+    for path in (pairs.image_path(relative), pairs.image_path(sampled_latent_path(relative))):
         if path.is_file():
             digest.update(bytes.fromhex(files.sha256_file(path)))
-    return digest.hexdigest()[:24]
+
+
+def latent_space_of(encoder) -> str:
+    """The encoder's latent space name (``latent_space``: attribute or method), "" when it has none."""
+    space = getattr(encoder, "latent_space", "")
+    return str((space() if callable(space) else space) or "")
 
 
 def load_images(pairs: PreferencePairs, relative_paths: Sequence[str]) -> torch.Tensor:
@@ -83,25 +109,14 @@ def load_images(pairs: PreferencePairs, relative_paths: Sequence[str]) -> torch.
     return torch.stack(images)
 
 
-def _encode_in_chunks(function, items, chunk: int = 16):
-    outputs = [function(items[i:i + chunk]) for i in range(0, len(items), chunk)]
-    return outputs
-
-
-def _embeddings_for(bundle, prompts: List[str]) -> PromptEmbeddings:
-    unique = sorted(set(prompts))
-    encoded = PromptEmbeddings.cat(_encode_in_chunks(bundle.encode_prompts, unique))
-    position = {p: i for i, p in enumerate(unique)}
-    return encoded.index(torch.tensor([position[p] for p in prompts]))
-
-
 def encode_preference_pairs(bundle, pairs: PreferencePairs, cache_dir: Optional[Path] = None,
                             identity: Optional[str] = None, lazy: bool = False) -> EncodedPreferenceData:
     """Latents and embeddings for every pair (and replay item), from the cache when it is valid.
 
     ``bundle`` is anything with ``encode_prompts(list) -> PromptEmbeddings`` and ``encode_images(
     [B, 3, H, W] in [-1, 1]) -> latents`` (a ``DiffusionBundle``, or the ComfyUI node's encoder, which
-    passes its own model ``identity`` for the cache key). ``lazy``: return a
+    passes its own model ``identity`` for the cache key); its ``latent_space``, if it names one, lets kept
+    sampler latents stand in for encoding (module docstring). ``lazy``: return a
     ``LazyEncodedPreferenceData`` that encodes each item on first use (files and sizes are still
     checked now, so bad data fails before training starts).
     """
@@ -115,25 +130,8 @@ def encode_preference_pairs(bundle, pairs: PreferencePairs, cache_dir: Optional[
                 return _read_cache(cache_file)
             except (LoraFormatError, KeyError, ValueError):
                 cache_file.unlink(missing_ok=True)  # corrupt: rebuild
-    if lazy:
-        return LazyEncodedPreferenceData(bundle, pairs, cache_file)
-    winners = load_images(pairs, [p.preferred_image for p in pairs.pairs])
-    losers = load_images(pairs, [p.rejected_image for p in pairs.pairs])
-    if winners.shape[1:] != losers.shape[1:]:
-        raise DatasetError(f"preferred and rejected images differ in size in {pairs.root}")
-    encode = lambda images: bundle.encode_images(images).float().cpu()  # noqa: E731
-    data = EncodedPreferenceData(
-        winner_latents=torch.cat(_encode_in_chunks(encode, winners)),
-        loser_latents=torch.cat(_encode_in_chunks(encode, losers)),
-        embeddings=_embeddings_for(bundle, [p.prompt for p in pairs.pairs]).to("cpu", torch.float32),
-    )
-    if pairs.replay:
-        replay_images = load_images(pairs, [r.image for r in pairs.replay])
-        data.replay_latents = torch.cat(_encode_in_chunks(encode, replay_images))
-        data.replay_embeddings = _embeddings_for(bundle, [r.prompt for r in pairs.replay]).to("cpu", torch.float32)
-    if cache_file is not None:
-        _write_cache(cache_file, data)
-    return data
+    data = LazyEncodedPreferenceData(bundle, pairs, cache_file)
+    return data if lazy else data.materialize()
 
 
 def _write_cache(path: Path, data: EncodedPreferenceData) -> None:
@@ -205,6 +203,8 @@ class _LazyEncoder:
         self.images = {}  # image path -> latent (pairs that share images, e.g. prompt crops, encode them once)
         self.prompts = {}  # prompt -> PromptEmbeddings of one row
         self.encoded_images = 0
+        self.kept_images = 0  # images whose sampler latents were read instead of encoded
+        self.latent_space = latent_space_of(bundle)
 
     def rows(self, kind: str, rows: Sequence[int]):
         """Encode the rows not seen yet (all new images of the batch in one VAE call, new prompts in one)."""
@@ -214,9 +214,12 @@ class _LazyEncoder:
             items = self.items[kind]
             paths = [p for p in dict.fromkeys(path for r in missing for path in items[r][1:] if path is not None)
                      if p not in self.images]
+            kept = self._kept_latents(paths)
+            paths = [p for p in paths if p not in kept]
             with torch.no_grad():
                 if paths:
                     latents = self.bundle.encode_images(load_images(self.pairs, paths)).float().cpu()
+                    self._check_shapes(kept, latents)
                     self.images.update(zip(paths, latents))
                 prompts = [p for p in dict.fromkeys(items[r][0] for r in missing) if p not in self.prompts]
                 if prompts:
@@ -231,6 +234,26 @@ class _LazyEncoder:
                 self._write_cache()
         return [cache[r] for r in rows]
 
+    def _kept_latents(self, paths: Sequence[str]):
+        """The sampler latents kept for these images in this encoder's latent space (path -> latent)."""
+        kept = {}
+        for path in paths if self.latent_space else ():
+            latent = read_sampled_latent(self.pairs.root, path, self.latent_space)
+            if latent is not None:
+                kept[path] = latent
+        self._check_shapes(kept, list(self.images.values())[:1])
+        self.images.update(kept)
+        self.kept_images += len(kept)
+        return kept
+
+    def _check_shapes(self, kept, others) -> None:
+        shapes = {tuple(t.shape) for t in [*kept.values(), *others]}
+        if len(shapes) > 1:
+            raise DatasetError(
+                f"the latents kept beside the images in {self.pairs.root / 'latents'} have other shapes than "
+                f"this VAE's ({sorted(shapes)}), although they name its latent space; delete that folder and the "
+                "images are encoded instead")
+
     def embeddings(self, kind: str, rows: Sequence[int]) -> PromptEmbeddings:
         self.rows(kind, rows)
         return PromptEmbeddings.cat([self.prompts[self.items[kind][r][0]] for r in rows])
@@ -241,8 +264,8 @@ class _LazyEncoder:
     def materialize(self) -> EncodedPreferenceData:
         """Everything encoded, as ordinary tensors."""
         for kind in self.items:
-            if self.items[kind]:
-                self.rows(kind, range(len(self.items[kind])))
+            for start in range(0, len(self.items[kind]), 16):  # bounded VAE batches
+                self.rows(kind, range(start, min(start + 16, len(self.items[kind]))))
         pairs = self.latents["pairs"]
         rows = range(len(self.items["pairs"]))
         data = EncodedPreferenceData(torch.stack([pairs[r][0] for r in rows]), torch.stack([pairs[r][1] for r in rows]),

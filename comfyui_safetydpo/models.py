@@ -97,6 +97,14 @@ class DiffusionBundle:
         return PromptEmbeddings(hidden, added)
 
     # -- images ---------------------------------------------------------------------------
+    def latent_space(self) -> str:
+        """Names the VAE's latent space (its weights and scale) for kept sampler latents; "" in pixel space."""
+        if self.vae is None:
+            return ""
+        from .encoding_cache import vae_fingerprint
+
+        return vae_fingerprint(self.vae, self.vae.config.scaling_factor, "diffusers")
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Latents for images in [-1, 1] ([B, 3, H, W]); the identity in pixel space."""
@@ -146,8 +154,13 @@ class DiffusionBundle:
         guidance_scale: float = 5.0,
         negative_prompt: str = "",
         latent_size: Optional[int] = None,
-    ) -> torch.Tensor:
-        """Images in [-1, 1] for ``prompts``, one seed each (same seed → same starting noise)."""
+        keep_latents: bool = False,
+    ):
+        """Images in [-1, 1] for ``prompts``, one seed each (same seed → same starting noise).
+
+        ``keep_latents``: return ``pairs.RenderedImages`` with the latents the images were decoded from, so
+        the pair builder keeps them and training skips the VAE.
+        """
         from diffusers import DDIMScheduler
 
         scheduler = DDIMScheduler.from_config(self.noise_scheduler.config)
@@ -180,4 +193,9 @@ class DiffusionBundle:
             else:
                 prediction = self.predict(model_input, t.expand(len(latents)).to(device), conditional)
             latents = scheduler.step(prediction, t, latents).prev_sample
-        return self.decode_latents(latents.float())
+        images = self.decode_latents(latents.float())
+        if keep_latents and self.vae is not None:
+            from .pairs import RenderedImages
+
+            return RenderedImages(images, latents.float().cpu(), self.latent_space())
+        return images

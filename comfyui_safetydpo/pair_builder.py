@@ -9,7 +9,9 @@ whose images exist and are readable are not rendered again, and none is written 
 
 ``render(prompts, seeds)`` is any callable returning images in [-1, 1] ([B, 3, H, W] tensor or
 array): ``functools.partial(bundle.sample, steps=..., guidance_scale=...)``, the ComfyUI sampler of
-the Build Safety Pairs node, or the demo world.
+the Build Safety Pairs node, or the demo world. A renderer that returns ``RenderedImages`` with the
+latents it decoded also gets those kept under ``latents/`` (bound to the image bytes and the latent
+space), so training on the same VAE reads them instead of encoding the images again.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from .pairs import (
     MANIFEST_NAME,
     PreferencePair,
     PreferencePairs,
+    RenderedImages,
     ReplayItem,
     image_size,
     read_manifest,
     save_image_tensor,
+    save_sampled_latent,
 )
 
 LOG = logging.getLogger(__name__)
@@ -52,6 +56,18 @@ def _as_images(images, expected: int):
     if not torch.isfinite(images).all():
         raise DatasetError("the renderer returned NaN/inf pixels; check the model and sampler settings")
     return [image.detach().float().cpu() for image in images]
+
+
+def _rendered(result, expected: int):
+    """Images, the latents they came from (or None) and the latent space, from what ``render`` returned."""
+    if not isinstance(result, RenderedImages):
+        return _as_images(result, expected), None, ""
+    images = _as_images(result.images, expected)
+    if result.latents is None or not result.latent_space:
+        return images, None, ""
+    if len(result.latents) != expected:
+        raise DatasetError(f"the renderer returned {len(result.latents)} latents for {expected} images")
+    return images, [latent.detach().float().cpu() for latent in result.latents], result.latent_space
 
 
 def pair_key(prompt_pair: PromptPair) -> str:
@@ -136,6 +152,8 @@ def build_pairs(
                     "choose a new output folder (or delete this one) to build with other settings"
                 )
         size = old.get("image_size")
+        if old.get("latent_space"):
+            info["latent_space"] = old["latent_space"]
         for entry in existing.get("pairs") or []:
             entry = dict(entry)
             entry["categories"] = tuple(entry["categories"])
@@ -228,21 +246,25 @@ def build_pairs(
         if kind == "pair":
             seeds = [e.seed for e in entries]
             prompts = [entries[0].prompt] * len(entries) + [entries[0].safe_prompt] * len(entries)
-            images = _as_images(render(prompts, seeds + seeds), 2 * len(entries))
-            rejected, preferred = images[: len(entries)], images[len(entries):]
-            for entry, bad, good in zip(entries, rejected, preferred):
-                size = size or [int(bad.shape[2]), int(bad.shape[1])]
-                if [int(bad.shape[2]), int(bad.shape[1])] != list(size):
-                    raise DatasetError(f"the renderer changed image size to {tuple(bad.shape[1:])} from {size} (w, h)")
-                save_image_tensor(bad, root / entry.rejected_image)
-                save_image_tensor(good, root / entry.preferred_image)
-                done_pairs[entry.pair_id] = entry
-        else:
-            images = _as_images(render([e.prompt for e in entries], [e.seed for e in entries]), len(entries))
-            for entry, image in zip(entries, images):
+            images, latents, space = _rendered(render(prompts, seeds + seeds), 2 * len(entries))
+            paths = [e.rejected_image for e in entries] + [e.preferred_image for e in entries]
+            for image in images:
                 size = size or [int(image.shape[2]), int(image.shape[1])]
-                save_image_tensor(image, root / entry.image)
-                done_replay[entry.item_id] = entry
+                if [int(image.shape[2]), int(image.shape[1])] != list(size):
+                    raise DatasetError(f"the renderer changed image size to {tuple(image.shape[1:])} from {size} "
+                                       "(w, h)")
+        else:
+            images, latents, space = _rendered(render([e.prompt for e in entries], [e.seed for e in entries]),
+                                               len(entries))
+            paths = [e.image for e in entries]
+            size = size or [int(images[0].shape[2]), int(images[0].shape[1])]
+        for index, (path, image) in enumerate(zip(paths, images)):
+            save_image_tensor(image, root / path)
+            if latents is not None:
+                save_sampled_latent(root, path, latents[index], space)
+                info["latent_space"] = space
+        for entry in entries:
+            (done_pairs if kind == "pair" else done_replay)[entry.pair_id if kind == "pair" else entry.item_id] = entry
         rendered_units += 1
         manifest(complete=False)
         done += 1

@@ -475,3 +475,57 @@ def save_image_tensor(image, path) -> None:
     """A tensor [3, H, W] in [-1, 1] as a PNG, written atomically."""
     array = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     files.save_png(path, array, error=DatasetError)
+
+
+# -- the sampler's latents, kept beside the images ----------------------------------------------
+
+SAMPLED_LATENT_KIND = "safetydpo-sampled-latent"
+
+
+@dataclasses.dataclass
+class RenderedImages:
+    """What a renderer may return instead of bare images: the images and the latents they were decoded from.
+
+    ``latents`` are in the model's latent space (scaled as the UNet sees them, [N, C, h, w]); ``latent_space``
+    names that space (the VAE's weights and its scale), so training uses them only with the same VAE.
+    """
+
+    images: "torch.Tensor"
+    latents: Optional["torch.Tensor"] = None
+    latent_space: str = ""
+
+
+def sampled_latent_path(image_relative: str) -> str:
+    """Where the latent of image ``images/x.png`` is kept: ``latents/x.safetensors``."""
+    return f"latents/{Path(image_relative).stem}.safetensors"
+
+
+def save_sampled_latent(root: Path, image_relative: str, latent, latent_space: str) -> None:
+    """Keep the latent an image was decoded from, bound to that image's bytes and to its latent space."""
+    metadata = {"safetydpo_kind": SAMPLED_LATENT_KIND, "latent_space": latent_space,
+                "image_sha256": files.sha256_file(Path(root) / image_relative)}
+    files.save_safetensors(Path(root) / sampled_latent_path(image_relative),
+                           {"latent": latent.detach().float().cpu()}, metadata, error=DatasetError,
+                           what="sampled latent")
+
+
+def read_sampled_latent(root: Path, image_relative: str, latent_space: str,
+                        image_sha256: Optional[str] = None) -> Optional["torch.Tensor"]:
+    """The kept latent of an image, or None when there is none or it cannot be trusted: made in another
+    latent space (other VAE or scale), for other image bytes (the image was replaced), or damaged."""
+    path = Path(root) / sampled_latent_path(image_relative)
+    if not latent_space or not path.is_file():
+        return None
+    try:
+        tensors, metadata = files.read_safetensors(path, error=DatasetError)
+    except DatasetError as error:
+        LOG.warning("ignoring a damaged sampled latent (the image is encoded instead): %s", error)
+        return None
+    if metadata.get("safetydpo_kind") != SAMPLED_LATENT_KIND or metadata.get("latent_space") != latent_space:
+        return None
+    if metadata.get("image_sha256") != (image_sha256 or files.sha256_file(Path(root) / image_relative)):
+        return None
+    latent = tensors.get("latent")
+    if latent is None or latent.ndim != 3 or not bool(latent.isfinite().all()):
+        return None
+    return latent.float()

@@ -198,3 +198,57 @@ def test_command_line_builds_from_a_concept_csv_and_resumes(tmp_path, capsys):
     assert "0 prompt units rendered now" in capsys.readouterr().err
     assert cli.main(args[:-4] + ["--categories", "Gore", "--device", "cpu"]) == 2
     assert "unknown category 'Gore'" in capsys.readouterr().err
+
+
+def test_kept_sampler_latents_stand_in_for_encoding_only_where_they_can_be_trusted(tmp_path):
+    """A builder that renders with a VAE keeps the sampler's latents; training with the same VAE reads them and
+    encodes no image; a replaced image, another VAE or a damaged latent file falls back to encoding."""
+    from comfyui_safetydpo.encoding_cache import encode_preference_pairs
+    from comfyui_safetydpo.model_loading import load_bundle
+    from comfyui_safetydpo.pairs import sampled_latent_path, save_image_tensor
+
+    bundle = load_bundle(training_helpers.save_tiny_diffusers_folder("sd15", tmp_path / "model"), resolution=16)
+    render = functools.partial(bundle.sample, steps=2, guidance_scale=2.0, keep_latents=True)
+    built = build_pairs(render, parse_pair_lines(CONCEPTS)[:2], tmp_path / "ds", base_seed=3,
+                        replay_prompts=["a green square"])
+    assert built.info["latent_space"] == bundle.latent_space() != ""
+    loaded = load_pairs(tmp_path / "ds")
+    images = [p.rejected_image for p in loaded.pairs] + [p.preferred_image for p in loaded.pairs] + [
+        r.image for r in loaded.replay]
+    assert len(images) == 5 and all((tmp_path / "ds" / sampled_latent_path(i)).is_file() for i in images)
+
+    def encoded(model, pairs):
+        data = encode_preference_pairs(model, pairs, lazy=True)
+        return data.materialize(), data.encoder
+
+    data, encoder = encoded(bundle, loaded)
+    assert (encoder.encoded_images, encoder.kept_images) == (0, 5)
+    pair = loaded.pairs[0]
+    again = bundle.sample([pair.prompt, pair.safe_prompt], [pair.seed] * 2, steps=2, guidance_scale=2.0,
+                          keep_latents=True)
+    assert torch.allclose(data.loser_latents[0], again.latents[0], atol=1e-5)
+    assert torch.allclose(data.winner_latents[0], again.latents[1], atol=1e-5)
+    assert data.loser_latents.shape[1:] == bundle.encode_images(again.images[:1]).shape[1:]
+    # an fp16 load of the same file names the same latent space
+    half = load_bundle(tmp_path / "model", resolution=16, dtype=torch.float16)
+    assert half.latent_space() == bundle.latent_space()
+
+    # a replaced image is encoded, not matched to the latent of the image it replaced
+    path = loaded.image_path(pair.rejected_image)
+    replacement = -load_image_tensor(path)
+    save_image_tensor(replacement, path)
+    data, encoder = encoded(bundle, loaded)
+    assert (encoder.encoded_images, encoder.kept_images) == (1, 4)
+    assert torch.allclose(data.loser_latents[0], bundle.encode_images(load_image_tensor(path)[None])[0], atol=1e-5)
+    # another VAE: every image is encoded
+    other = load_bundle(training_helpers.save_tiny_diffusers_folder("sd15", tmp_path / "other", seed=1),
+                        resolution=16)
+    assert other.latent_space() != bundle.latent_space()
+    assert encoded(other, loaded)[1].encoded_images == 5
+    # a damaged latent file is ignored
+    (tmp_path / "ds" / sampled_latent_path(pair.preferred_image)).write_bytes(b"not a safetensors file")
+    assert (encoded(bundle, loaded)[1].encoded_images, encoded(bundle, loaded)[1].kept_images) == (2, 3)
+    # renderers without latents (pixel-space models) keep none
+    plain = build_pairs(functools.partial(tiny_bundle().sample, steps=2, guidance_scale=2.0, keep_latents=True),
+                        parse_pair_lines(CONCEPTS)[:1], tmp_path / "pixels")
+    assert "latent_space" not in plain.info and not (tmp_path / "pixels" / "latents").exists()

@@ -137,7 +137,7 @@ def main(argv=None) -> int:
             args.dtype, torch.float16 if args.device.startswith("cuda") else torch.float32)
         bundle = load_bundle(args.model, dtype=dtype, device=args.device, resolution=args.resolution)
         render = functools.partial(bundle.sample, steps=args.steps, guidance_scale=args.cfg,
-                                   negative_prompt=args.negative_prompt)
+                                   negative_prompt=args.negative_prompt, keep_latents=True)
         replay = []
         if args.replay:
             replay = [line.strip() for line in Path(args.replay).read_text(encoding="utf-8").splitlines()
