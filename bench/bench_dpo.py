@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import resource
@@ -64,7 +65,7 @@ def settings(tiny: bool):
 def real_settings():
     """SD1.5 at its real widths (860M UNet, SD VAE, CLIP-L text encoder; random weights) at 256 px, one pair per
     step: the step a user trains, at the smallest size this CPU times in minutes."""
-    return dict(real=True, image=256, pairs=1, repeats=6, dataset=4)
+    return dict(real=True, image=256, pairs=1, repeats=6, dataset=4, epochs=2)
 
 
 def _real_models():
@@ -495,6 +496,7 @@ def whole_run_times(cfg, kept_latents: bool = False):
     from comfyui_safetydpo.encoding_cache import LazyEncodedPreferenceData
     from comfyui_safetydpo.training import TrainableDenoiser, TrainingConfig, train_lora
 
+    gc.collect()  # the models of earlier rows (at real widths, gigabytes) are gone before these are built
     steps = cfg["epochs"] * cfg["dataset"] // cfg["pairs"]
     data = bench_data(cfg)
     if kept_latents:
@@ -589,6 +591,7 @@ def run(tiny: bool = False):
         kept_runs, _ = whole_run_times(cfg, kept_latents=True)
         flops = flop_counts(cfg["pairs"])
         real = None if tiny else step_times(real_settings(), names=("official", "ours"), profile=False)
+        real_kept = None if tiny else whole_run_times(real_settings(), kept_latents=True)
     finally:
         for data in _DATA.values():
             data.close()
@@ -658,6 +661,22 @@ def run(tiny: bool = False):
             ours, official = marks["ours"][k - 1], marks["official"][k - 1]
             ratio = ours / official
             rows.append(dict(measure=f"whole run from start, {label}, {how}, ours",
+                             value=round(ours, 3), unit="s", ratio=round(ratio, 3),
+                             baseline=f"official loop = {official:.3f} s",
+                             goal=f"< {goal}" if goal == 1.0 else f"<= {goal}",
+                             verdict=(("meets goal" if ratio < 1 else "misses goal") if goal == 1.0
+                                      else verdict(ratio, goal))))
+    if real_kept is not None:
+        real_runs, real_steps = real_kept
+        real_cfg = real_settings()
+        per_epoch = real_cfg["dataset"] // real_cfg["pairs"]
+        for label, k, goal in (("1 step", 1, 1.0), (f"1 epoch ({per_epoch} steps)", per_epoch, GOALS["run"]),
+                               (f"{real_cfg['epochs']} epochs ({real_steps} steps)", real_steps, GOALS["run"])):
+            ours, official = real_runs["ours"][k - 1], real_runs["official"][k - 1]
+            ratio = ours / official
+            rows.append(dict(measure=f"whole run from start at SD1.5's real widths (as the step row above), {label}, "
+                                     f"{real_cfg['dataset']} pairs from our pair builder, its kept sampler latents "
+                                     "read (no VAE), ours",
                              value=round(ours, 3), unit="s", ratio=round(ratio, 3),
                              baseline=f"official loop = {official:.3f} s",
                              goal=f"< {goal}" if goal == 1.0 else f"<= {goal}",

@@ -291,27 +291,24 @@ class DemoResult:
     seconds: float
 
 
-def _world_model(world: dw.DemoWorld, settings: DemoSettings, cache_dir: Path, retrain: bool,
-                 report: Callable[[str], None]):
-    """The shipped, cached or newly trained world model; ``retrain`` writes it where the shipped weights live."""
+def world_model(world: dw.DemoWorld, world_settings: dw.WorldModelSettings, cache_dir: Path, retrain: bool = False,
+                report: Optional[Callable[[str], None]] = None):
+    """The shipped, cached or newly trained world model with ``world``'s concept words (learned once, cached):
+    (bundle, info). ``retrain`` writes the model where the shipped weights live."""
     def progress(step, total, loss):
-        if step % max(total // 10, 1) == 0:
+        if report is not None and step % max(total // 10, 1) == 0:
             report(f"  world model step {step}/{total} loss {loss:.4f}")
 
-    shipped = dw.shipped_model_folder(world, settings.world) if retrain else None
-    bundle, info = dw.load_or_train_world_model(world, settings.world, cache_dir, progress=progress, retrain=retrain,
-                                                shipped_dir=shipped)
-    if world.learned_words:
-        report(f"  teaching the world model {len(world.learned_words)} more concept words (textual inversion)")
-    bundle, key = concept_word_bundle(bundle, world, cache_dir, info["key"], settings.world.seed)
+    shipped = dw.shipped_model_folder(world, world_settings) if retrain else None
+    bundle, info = dw.load_or_train_world_model(world, world_settings, Path(cache_dir), progress=progress,
+                                                retrain=retrain, shipped_dir=shipped)
+    bundle, key = concept_word_bundle(bundle, world, Path(cache_dir), info["key"], world_settings.seed, report)
     return bundle, {**info, "key": key, "learned_words": len(world.learned_words)}
 
 
 def world_bundle(concepts: int, world_settings: dw.WorldModelSettings, cache_dir: Path):
-    """The world model with its concept words (as ``_world_model`` made them, from the cache): for worker processes."""
-    world = dw.DemoWorld(concepts)
-    bundle, info = dw.load_or_train_world_model(world, world_settings, Path(cache_dir))
-    return concept_word_bundle(bundle, world, Path(cache_dir), info["key"], world_settings.seed)[0]
+    """The world model as the demo made it (from the cache): for worker processes."""
+    return world_model(dw.DemoWorld(concepts), world_settings, Path(cache_dir))[0]
 
 
 def run_demo(output_dir, cache_dir, settings: Optional[DemoSettings] = None, fresh: bool = False,
@@ -354,7 +351,7 @@ def _run_demo(output_dir, cache_dir, settings: Optional[DemoSettings], fresh: bo
     report(f"demo world (seed {settings.seed}): {len(world.concepts)} unsafe concepts, {len(world.scenes())} scenes; "
            f"oracle accuracy on held-out renders {oracle_accuracy['all']:.1%} ({oracle_accuracy['renders']} renders)")
 
-    bundle, model_info = _world_model(world, settings, cache_dir, retrain_world, report)
+    bundle, model_info = world_model(world, settings.world, cache_dir, retrain_world, report)
     model_key = model_info["key"]
     origin = {"shipped": "shipped with the repository", "cache": "cached"}.get(model_info.get("origin"), "trained")
     report(f"world model: {origin} ({model_info.get('train_seconds')} s to train)")
@@ -646,7 +643,7 @@ def check_world_model(cache_dir, settings: Optional[DemoSettings] = None, retrai
     settings = settings or DemoSettings()
     world = dw.DemoWorld(settings.concepts)
     oracle = dw.DemoOracle(world)
-    bundle, info = _world_model(world, settings, Path(cache_dir), retrain, report)
+    bundle, info = world_model(world, settings.world, Path(cache_dir), retrain, report)
     items = evaluation_items(world, settings.eval_seeds)
     readings = [oracle.read(image) for image in render_variant(bundle, None, items, settings)]
     result = {"seed": settings.seed, "origin": info.get("origin"), "train_seconds": info.get("train_seconds"),

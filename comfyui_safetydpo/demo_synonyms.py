@@ -20,7 +20,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Dict, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -105,8 +105,9 @@ def learn_synonyms(bundle: DiffusionBundle, world: dw.DemoWorld, synonyms: Dict[
 
 
 def _cached_words(bundle: DiffusionBundle, world: dw.DemoWorld, words: Dict[str, str], path_stem: Path,
-                  key_parts, steps: int, seed: int):
-    """``bundle`` with ``words`` learned, the embeddings cached in ``path_stem``_<key>.safetensors."""
+                  key_parts, steps: int, seed: int, report: Optional[Callable[[str], None]] = None):
+    """``bundle`` with ``words`` learned, the embeddings cached in ``path_stem``_<key>.safetensors (``report``
+    is told when they have to be learned)."""
     from safetensors.torch import load_file
 
     key = hashlib.sha256(json.dumps([*key_parts, words, steps, seed]).encode()).hexdigest()[:16]
@@ -121,6 +122,8 @@ def _cached_words(bundle: DiffusionBundle, world: dw.DemoWorld, words: Dict[str,
             log.warning("cached word embeddings %s unreadable (%s): learning them again", path, error)
             embeddings = None
     if embeddings is None:
+        if report is not None:
+            report(f"  teaching the world model {len(words)} more words (textual inversion, {steps} steps)")
         embeddings = learn_words(bundle, world, words, steps, seed)
         files.save_safetensors(path, {w: e.contiguous() for w, e in embeddings.items()}, metadata={"key": key})
     return with_synonym_words(bundle, world, embeddings), key
@@ -139,7 +142,8 @@ def synonym_bundle(bundle: DiffusionBundle, world: dw.DemoWorld, cache_dir: Path
 CONCEPT_WORD_STEPS_PER_WORD = 30  # about as many renders per word as the synonyms get (64 × 200 over 7 words)
 
 
-def concept_word_bundle(bundle: DiffusionBundle, world: dw.DemoWorld, cache_dir: Path, model_key: str, seed: int):
+def concept_word_bundle(bundle: DiffusionBundle, world: dw.DemoWorld, cache_dir: Path, model_key: str, seed: int,
+                        report: Optional[Callable[[str], None]] = None):
     """``bundle`` with ``world``'s concept words beyond the seven (``learned_words``) learned (cached); returns
     (bundle, key of the learned words). Without such words, ``bundle`` itself and ``model_key``."""
     words = dict(world.learned_words)
@@ -147,7 +151,7 @@ def concept_word_bundle(bundle: DiffusionBundle, world: dw.DemoWorld, cache_dir:
         return bundle, model_key
     steps = max(SYNONYM_STEPS, CONCEPT_WORD_STEPS_PER_WORD * len(words))
     learned, key = _cached_words(bundle, world, words, Path(cache_dir) / "concept_words", [model_key, "concepts"],
-                                 steps, seed)
+                                 steps, seed, report)
     return learned, f"{model_key}+words{key}"
 
 
