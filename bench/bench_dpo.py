@@ -28,7 +28,10 @@ what the step holds rather than what the allocator keeps cached (measured: ~220 
 the same for every variant). Whole run: the real library loop
 (``train_lora`` on ``LazyEncodedPreferenceData``, each pair encoded on first use, from image files)
 against the official loop on the same files, interleaved step by step; wall time from start to the end
-of step k, read for 1 step, one epoch and several epochs from the same runs.
+of step k, read for 1 step, one epoch and several epochs from the same runs. The same again for a dataset
+from our pair builder, which keeps the sampler's latents beside the images, so our loop reads them and
+never runs the VAE (here and at SD1.5's real widths; the latents are written before the clock starts, as
+the images are for both loops).
 
 One thread everywhere: on this shared 2-core machine two OpenMP threads per process ran 3-5x slower
 than one as soon as other jobs used the cores (measured: encoding 8 pairs 29 s vs 10 s, one step 27-59 s
