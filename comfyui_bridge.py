@@ -665,6 +665,7 @@ class ComfyRenderer:
 
     def __init__(self, model, clip, vae, settings: SamplerSettings, keep_latents: bool = False):
         self.model, self.vae, self.settings, self.keep_latents = model, vae, settings, keep_latents
+        self.latent_space = latent_space(model, vae) if keep_latents else ""
         self.encode = PromptEncoder(clip)
         self.encode(settings.negative_prompt)
 
@@ -680,7 +681,7 @@ class ComfyRenderer:
                 latents.append(self.model.model.process_latent_in(sampled[:1]).float().cpu())
         if not self.keep_latents or len(latents) != len(images):
             return torch.cat(images)
-        return RenderedImages(torch.cat(images), torch.cat(latents), latent_space(self.model, self.vae))
+        return RenderedImages(torch.cat(images), torch.cat(latents), self.latent_space)
 
 
 # -- merge statistics on ComfyUI's UNet ----------------------------------------------------------

@@ -241,7 +241,7 @@ class _LazyEncoder:
             latent = read_sampled_latent(self.pairs.root, path, self.latent_space)
             if latent is not None:
                 kept[path] = latent
-        self._check_shapes(kept, list(self.images.values())[:1])
+        self._check_shapes(kept, [next(iter(self.images.values()))] if self.images else [])
         self.images.update(kept)
         self.kept_images += len(kept)
         return kept
