@@ -115,6 +115,8 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, generator: torch.G
             optimizer.state[param] = entry
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
+        for group, rate in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            group["lr"] = rate  # the scheduler's state alone leaves the optimizer at the first step's rate
     rng, _ = read_safetensors(path / "rng.safetensors")
     torch.set_rng_state(rng["torch_rng"])
     generator.set_state(rng["generator"])

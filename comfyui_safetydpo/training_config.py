@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -14,6 +15,20 @@ from .models import PromptEmbeddings
 
 OFFICIAL_RECIPE = {"rank": 4, "alpha": 4.0, "target_modules": ("to_q", "to_k", "to_v", "to_out.0"),
                    "dpo_beta": 5000.0, "learning_rate": 1e-5}
+
+
+LEARNING_RATE_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_factor(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """The learning rate's multiplier at ``step``: linear warm-up, then constant or a cosine decay to 0 at the end."""
+    warmup = max(int(warmup_steps), 0)
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        span = max(int(max_steps) - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+    return 1.0
 
 
 @dataclasses.dataclass
@@ -31,6 +46,7 @@ class TrainingConfig:
     gradient_accumulation: int = 1
     max_grad_norm: float = 1.0
     warmup_steps: int = 0
+    learning_rate_schedule: str = "constant"  # or "cosine": decays to 0 at max_steps (after the warm-up)
     dpo_beta: float = 5000.0
     dpo_weight: float = 1.0
     sft_weight: float = 0.0
@@ -60,6 +76,8 @@ class TrainingConfig:
             problems.append("all loss weights are 0: nothing to train")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             problems.append("mixed_precision must be 'no', 'fp16' or 'bf16'")
+        if self.learning_rate_schedule not in LEARNING_RATE_SCHEDULES:
+            problems.append(f"learning_rate_schedule must be one of {', '.join(LEARNING_RATE_SCHEDULES)}")
         if self.preservation_target not in ("reference", "noise"):
             problems.append("preservation_target must be 'reference' or 'noise'")
         if not (self.learning_rate > 0):

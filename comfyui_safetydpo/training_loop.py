@@ -21,7 +21,8 @@ from .lora_injection import (expert_from_lora, inject_lora, lora_is_identity, lo
                              set_lora_enabled)
 from .models import PromptEmbeddings
 from .training_checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from .training_config import EncodedPreferenceData, TrainableDenoiser, TrainingConfig, TrainingResult
+from .training_config import (EncodedPreferenceData, TrainableDenoiser, TrainingConfig, TrainingResult,
+                              learning_rate_factor)
 
 log = logging.getLogger(__name__.rpartition(".")[0] + ".training")  # the logger training.py always used
 
@@ -97,9 +98,8 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
     for p in params:
         p.data = p.data.float()
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    warmup = max(config.warmup_steps, 0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: learning_rate_factor(
+        step, config.warmup_steps, config.max_steps, config.learning_rate_schedule))
     scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INITIAL_SCALE,
                                   enabled=config.mixed_precision == "fp16")  # a no-op unless fp16
     generator = torch.Generator().manual_seed(config.seed)
@@ -205,6 +205,7 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
             continue
         bad_steps = 0
         grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
+        learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses (after it, the next step's)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -212,7 +213,7 @@ def _train(denoiser, data, config, output_dir, resume, progress, should_stop, de
         if parallel is not None:
             step_metrics = parallel.mean_metrics(step_metrics)
         step_metrics["step"] = step
-        step_metrics["learning_rate"] = scheduler.get_last_lr()[0]
+        step_metrics["learning_rate"] = learning_rate
         if grad_norm is not None:
             step_metrics["grad_norm"] = float(grad_norm)
         history.append(step_metrics)

@@ -142,6 +142,37 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_run(tmp_path):
         assert torch.allclose(straight.delta_weight(name), resumed.delta_weight(name), atol=1e-6, rtol=0), name
 
 
+def test_cosine_schedule_warms_up_decays_to_zero_and_resumes_exactly(tmp_path):
+    import csv
+
+    from comfyui_safetydpo.training_config import learning_rate_factor
+
+    pairs = colour_pairs(tmp_path / "pairs", 6)
+    config = TrainingConfig(**{**FAST, "max_steps": 10, "warmup_steps": 2, "checkpoint_every": 5,
+                               "learning_rate_schedule": "cosine"})
+    straight = train_expert(tiny_bundle(), pairs, config, output_dir=tmp_path / "a")
+    with open(tmp_path / "a" / "metrics.csv") as handle:
+        rates = [float(row["learning_rate"]) for row in csv.DictReader(handle)]
+    expected = [FAST["learning_rate"] * learning_rate_factor(step, 2, 10, "cosine") for step in range(10)]
+    assert rates == pytest.approx(expected, rel=1e-6)
+    assert rates[0] < rates[1] == pytest.approx(FAST["learning_rate"]) and rates[-1] < 0.05 * FAST["learning_rate"]
+    assert all(a > b for a, b in zip(rates[2:], rates[3:]))  # after the warm-up it only decays
+
+    calls = {"n": 0}
+
+    def stop_after_seven():
+        calls["n"] += 1
+        return calls["n"] == 8
+
+    with pytest.raises(TrainingCancelled):
+        train_expert(tiny_bundle(), pairs, config, output_dir=tmp_path / "b", should_stop=stop_after_seven)
+    resumed = train_expert(tiny_bundle(), pairs, config, output_dir=tmp_path / "b", resume=True).expert
+    for name in straight.expert.module_names:
+        assert torch.allclose(straight.expert.delta_weight(name), resumed.delta_weight(name), atol=1e-6, rtol=0)
+    with pytest.raises(TrainingError, match="learning_rate_schedule must be one of constant, cosine"):
+        train_expert(tiny_bundle(), pairs, TrainingConfig(**{**FAST, "learning_rate_schedule": "linear"}))
+
+
 def test_nan_guard_skips_then_stops_with_a_clear_message(tmp_path):
     bundle = tiny_bundle()
     pairs = colour_pairs(tmp_path / "pairs", 4)

@@ -63,6 +63,7 @@ HELP = {
     "gradient_accumulation": "micro-batches per optimizer step",
     "max_grad_norm": "gradient clipping (0 = off)",
     "warmup_steps": "linear learning-rate warm-up steps",
+    "learning_rate_schedule": "after the warm-up: 'constant' or 'cosine' (decays to 0 at the last step)",
     "dpo_beta": "DPO beta with the 1/2 inside: loss = -log sigmoid(-beta/2 * d) (official recipe: 5000)",
     "dpo_weight": "weight of the DPO term (0 = supervised-only baseline)",
     "sft_weight": "weight of plain denoising on the preferred (safe) image",
