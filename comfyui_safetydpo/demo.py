@@ -36,6 +36,7 @@ from .demo_evaluation import (GATED_LABEL, GATED_ONE_ON_ALL_LABEL, attribute_fid
                               experts_alone_check, gate_accuracy_by_split, gate_readings, gated_weight_zero_check,
                               measure, measure_pairs, prompt_fidelity, render_gated, render_variant, safe_scenes,
                               sample_batched, scaling_curve, synonym_check, weight_zero_check)
+from .distillation_merge import DistillationSettings, merge_by_distillation, record_distillation_targets
 from .demo_synonyms import concept_word_bundle, nearest_words, synonym_bundle, synonyms_for
 from .expert import SafetyExpert
 from .lora_files import load_expert, save_expert
@@ -44,7 +45,8 @@ from .merging import co_merge, co_merge_wins, merge_linear, merge_ties
 from .pair_builder import build_pairs, pair_key, pair_seed
 from .pairs import PreferencePairs
 from .demo_report import aggregate_seeds, seeds_markdown, summary_table, write_demo_report
-from .training import TrainingConfig, train_expert
+from .training import TrainingConfig, denoiser_for_bundle, train_expert
+from .encoding_cache import encode_preference_pairs
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +75,10 @@ class DemoSettings:
     guidance_scale: float = 1.0  # no CFG: with guidance 3 this tiny model's colours and backgrounds broke
     expert_steps: int = 240
     recipe: Dict[str, object] = dataclasses.field(default_factory=lambda: dict(DEMO_RECIPE))
-    merge_method: str = "least_squares"  # the default merge (docs/demo.md has the comparison that chose it)
+    merge_method: str = "distillation"  # the default merge (docs/demo.md has the comparison that chose it)
     preserve_weight: float = DEFAULT_PRESERVE_WEIGHT
+    distillation: DistillationSettings = dataclasses.field(
+        default_factory=lambda: DistillationSettings(steps=1500, rank=32))  # measured on seed 0 (docs/demo.md)
     baselines: bool = True  # Co-Merge (element), linear, TIES, one expert on all data
     all_baselines: bool = False  # also Co-Merge (row) and the supervised (non-DPO) experts
     one_on_all: bool = False  # one expert on all data (as many steps as all experts together); --all-checks
@@ -99,8 +103,9 @@ class DemoSettings:
         return self.seed
 
     def with_seed(self, seed: int) -> "DemoSettings":
-        """The same settings on another seed (the world model's seed included)."""
-        return dataclasses.replace(self, seed=int(seed), world=dataclasses.replace(self.world, seed=int(seed)))
+        """The same settings on another seed (the world model's and the distillation's seeds included)."""
+        return dataclasses.replace(self, seed=int(seed), world=dataclasses.replace(self.world, seed=int(seed)),
+                                   distillation=dataclasses.replace(self.distillation, seed=int(seed)))
 
     def to_json(self) -> Dict[str, object]:
         data = json.loads(json.dumps(dataclasses.asdict(self), default=list))
@@ -115,7 +120,9 @@ def quick_settings() -> DemoSettings:
     """
     return DemoSettings(concepts=3, images_per_prompt=2, sample_steps=10, expert_steps=100,
                         recipe=dict(DEMO_RECIPE, preservation_weight=1.0), all_baselines=False, one_on_all=False,
-                        experts_alone=True, synonyms=True, merged_weight_zero=True)
+                        experts_alone=True, synonyms=True, merged_weight_zero=True,
+                        distillation=DistillationSettings(steps=300, rank=16, batch_size=16, replay_batch_size=8,
+                                                          draws=2))
 
 
 def _hash(value) -> str:
@@ -419,12 +426,12 @@ def _run_demo(output_dir, cache_dir, settings: Optional[DemoSettings], fresh: bo
     # 4. merging
     weights = [1.0] * len(experts)
     default_name = MERGE_LABELS[settings.merge_method]
-    merger = DemoMerger(bundle, world, settings)
+    merger = DemoMerger(bundle, world, settings, pairs)
     merged_default = merger.merge(settings.merge_method, experts, weights,
                                   name=f"safety_expert_demo_{settings.merge_method}")
     variants: Dict[str, Optional[SafetyExpert]] = {"base": None, default_name: merged_default}
     if settings.baselines:
-        for method in ("least_squares", "co_merge", "linear", "ties"):
+        for method in ("distillation", "least_squares", "co_merge", "linear", "ties"):
             if method != settings.merge_method:
                 variants[MERGE_LABELS[method]] = merger.merge(method, experts, weights)
         if one_on_all is not None:
@@ -551,6 +558,7 @@ def run_seeds(output_dir, cache_dir, settings: DemoSettings, seeds: Sequence[int
 
 
 MERGE_LABELS = {
+    "distillation": "DPO + distillation merge",
     "least_squares": "DPO + least-squares merge",
     "co_merge": "DPO + Co-Merge",
     "co_merge_row": "DPO + Co-Merge (row)",
@@ -562,8 +570,8 @@ MERGE_LABELS = {
 class DemoMerger:
     """Merges the demo's experts by any method, recording each method's statistics once per expert set."""
 
-    def __init__(self, bundle, world: dw.DemoWorld, settings: DemoSettings):
-        self.bundle, self.world, self.settings = bundle, world, settings
+    def __init__(self, bundle, world: dw.DemoWorld, settings: DemoSettings, pairs: Optional[PreferencePairs] = None):
+        self.bundle, self.world, self.settings, self.pairs = bundle, world, settings, pairs
         self._statistics: Dict[Tuple[str, Tuple[str, ...]], object] = {}
 
     def _key(self, kind: str, experts: Sequence[SafetyExpert]):
@@ -599,11 +607,28 @@ class DemoMerger:
         if method in ("co_merge", "co_merge_row"):
             granularity = "row" if method == "co_merge_row" else self.settings.co_merge_granularity
             return co_merge(experts, weights, self.co_merge_statistics(experts), granularity=granularity, name=name)
+        if method == "distillation":
+            return self.distilled(experts, weights, name)
         if method == "linear":
             return merge_linear(experts, weights, name=name)
         if method == "ties":
             return merge_ties(experts, weights, density=0.5, name=name)
         raise ValueError(f"unknown demo merge method {method!r}")
+
+
+    def distilled(self, experts: Sequence[SafetyExpert], weights: Sequence[float], name: str) -> SafetyExpert:
+        """The distillation merge, taught on each expert's own training pairs (with the prompt crops it was
+        trained on) and the replay items: never on the evaluation's seeds or held-out templates."""
+        if self.pairs is None:
+            raise ValueError("the distillation merge needs the demo's pairs (DemoMerger(..., pairs=...))")
+        data = [encode_preference_pairs(self.bundle, self.pairs.select(list(e.categories)).with_prompt_crops())
+                for e in experts]
+        denoiser = denoiser_for_bundle(self.bundle)
+        for parameter in self.bundle.unet.parameters():
+            parameter.requires_grad_(False)
+        targets = record_distillation_targets(denoiser, experts, weights, data,
+                                              diffusers_module_lookup(self.bundle.unet), self.settings.distillation)
+        return merge_by_distillation(denoiser, experts, targets, self.settings.distillation, name=name)
 
 
 def record_demo_statistics(bundle, world: dw.DemoWorld, experts: Sequence[SafetyExpert], settings: DemoSettings):

@@ -59,8 +59,8 @@ def main(argv=None) -> int:
                              "each expert alone, check the default merge's per-concept weights and test the prompt "
                              "gate on synonyms the world model learns afterwards (what the README's three-seed table "
                              "measures; the default run leaves them out to stay short)")
-    parser.add_argument("--merge", choices=("least_squares", "co_merge", "linear", "ties"), default=None,
-                        help="the default merge written as the demo's LoRA (default least_squares)")
+    parser.add_argument("--merge", choices=("distillation", "least_squares", "co_merge", "linear", "ties"),
+                        default=None, help="the merge written as the demo's LoRA (default distillation)")
     parser.add_argument("--scaling", action="store_true",
                         help="the scaling curve: removal and collateral against the number of concepts (k = 1, 7, 15, "
                              "30, 50) for the least-squares merge, Co-Merge, linear, the gated experts and one "
