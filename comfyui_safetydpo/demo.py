@@ -36,7 +36,7 @@ from .demo_evaluation import (GATED_LABEL, GATED_ONE_ON_ALL_LABEL, attribute_fid
                               experts_alone_check, gate_accuracy_by_split, gate_readings, gated_weight_zero_check,
                               measure, measure_pairs, prompt_fidelity, render_gated, render_variant, safe_scenes,
                               sample_batched, scaling_curve, synonym_check, weight_zero_check)
-from .distillation_merge import DistillationSettings, merge_by_distillation, record_distillation_targets
+from .distillation_merge import DistillationSettings, distill_experts
 from .demo_synonyms import concept_word_bundle, nearest_words, synonym_bundle, synonyms_for
 from .expert import SafetyExpert
 from .lora_files import load_expert, save_expert
@@ -45,8 +45,7 @@ from .merging import co_merge, co_merge_wins, merge_linear, merge_ties
 from .pair_builder import build_pairs, pair_key, pair_seed
 from .pairs import PreferencePairs
 from .demo_report import aggregate_seeds, seeds_markdown, summary_table, write_demo_report
-from .training import TrainingConfig, denoiser_for_bundle, train_expert
-from .encoding_cache import encode_preference_pairs
+from .training import TrainingConfig, train_expert
 
 log = logging.getLogger(__name__)
 
@@ -621,14 +620,7 @@ class DemoMerger:
         trained on) and the replay items: never on the evaluation's seeds or held-out templates."""
         if self.pairs is None:
             raise ValueError("the distillation merge needs the demo's pairs (DemoMerger(..., pairs=...))")
-        data = [encode_preference_pairs(self.bundle, self.pairs.select(list(e.categories)).with_prompt_crops())
-                for e in experts]
-        denoiser = denoiser_for_bundle(self.bundle)
-        for parameter in self.bundle.unet.parameters():
-            parameter.requires_grad_(False)
-        targets = record_distillation_targets(denoiser, experts, weights, data,
-                                              diffusers_module_lookup(self.bundle.unet), self.settings.distillation)
-        return merge_by_distillation(denoiser, experts, targets, self.settings.distillation, name=name)
+        return distill_experts(self.bundle, experts, weights, self.pairs, self.settings.distillation, name=name)
 
 
 def record_demo_statistics(bundle, world: dw.DemoWorld, experts: Sequence[SafetyExpert], settings: DemoSettings):

@@ -204,3 +204,44 @@ def merge_by_distillation(
               "final_loss": final_loss if math.isfinite(final_loss) else None}
     student.metadata = {RECIPE_KEY: json.dumps(recipe)}
     return student
+
+
+def _trained_with_prompt_crops(expert: SafetyExpert) -> bool:
+    try:
+        return bool(json.loads(expert.metadata.get(RECIPE_KEY, "{}")).get("prompt_crops", False))
+    except (ValueError, AttributeError):
+        return False
+
+
+def distill_experts(bundle, experts: Sequence[SafetyExpert], weights: Sequence[float], pairs,
+                    settings: Optional[DistillationSettings] = None, cache_dir=None, name: str = "merged_distillation",
+                    progress: Optional[Callable[[int, int, float], None]] = None,
+                    should_stop: Optional[Callable[[], bool]] = None) -> SafetyExpert:
+    """The distillation merge on a ``DiffusionBundle`` and the pairs dataset the experts were trained from: each
+    expert learns from the pairs of its own categories (with the prompt crops it was trained with), and the
+    dataset's replay items say what must not change."""
+    from .calibration import diffusers_module_lookup
+    from .encoding_cache import encode_preference_pairs
+    from .training import denoiser_for_bundle
+
+    data = []
+    for expert in experts:
+        chosen = [c for c in expert.categories if c in pairs.categories]
+        if not chosen:
+            raise MergeError(f"expert {expert.name!r} is for {expert.categories or 'no recorded category'}, but the "
+                             f"pairs dataset holds {pairs.categories}: give the dataset the experts were trained on")
+        subset = pairs.select(chosen)
+        data.append(encode_preference_pairs(bundle, subset.with_prompt_crops() if _trained_with_prompt_crops(expert)
+                                            else subset, cache_dir))
+    denoiser = denoiser_for_bundle(bundle)
+    frozen = [(p, p.requires_grad) for p in bundle.unet.parameters()]
+    for parameter, _ in frozen:
+        parameter.requires_grad_(False)
+    try:
+        targets = record_distillation_targets(denoiser, experts, weights, data, diffusers_module_lookup(bundle.unet),
+                                              settings)
+        return merge_by_distillation(denoiser, experts, targets, settings, name=name, progress=progress,
+                                     should_stop=should_stop)
+    finally:
+        for parameter, requires_grad in frozen:
+            parameter.requires_grad_(requires_grad)

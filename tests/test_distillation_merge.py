@@ -15,6 +15,7 @@ from comfyui_safetydpo.distillation_merge import (DistillationSettings, merge_by
                                                   record_distillation_targets)
 from comfyui_safetydpo.errors import MergeError, TrainingCancelled
 from comfyui_safetydpo.lora_injection import expert_from_lora, inject_lora, lora_parameters, remove_lora
+from comfyui_safetydpo import lora_files, merging
 from comfyui_safetydpo.merging import merge_recipe
 from comfyui_safetydpo.training import TrainingConfig, denoiser_for_bundle
 from comfyui_safetydpo.training_config import EncodedPreferenceData
@@ -121,3 +122,57 @@ def test_bad_input_and_cancel_fail_clearly_and_leave_the_network_unchanged():
     assert set(bundle.unet.state_dict()) == set(state)
     assert all(torch.equal(bundle.unet.state_dict()[k], v) for k, v in state.items())
     assert [p.requires_grad for p in bundle.unet.parameters()] == flags
+
+
+def test_command_line_distills_experts_from_their_pairs_dataset(tmp_path, capsys):
+    from training_helpers import save_tiny_diffusers_folder
+
+    from shared_helpers import load_script
+
+    from comfyui_safetydpo.expert import LoraModule, SafetyExpert
+    from comfyui_safetydpo.model_loading import load_bundle
+    from comfyui_safetydpo.pairs import PreferencePair, PreferencePairs, ReplayItem, save_image_tensor
+
+    model = save_tiny_diffusers_folder("sd15", tmp_path / "model")
+    unet = load_bundle(model).unet
+    generator = torch.Generator().manual_seed(0)
+
+    def expert(name, category):
+        modules = {f"unet.{n}": LoraModule(torch.randn(2, m.in_features, generator=generator),
+                                           torch.randn(m.out_features, 2, generator=generator) * 0.1, 2.0)
+                   for n, m in unet.named_modules() if isinstance(m, torch.nn.Linear) and n.endswith("attn2.to_v")}
+        return SafetyExpert(name, modules, architecture="sd15", categories=[category])
+
+    def image(name):
+        save_image_tensor(torch.rand(3, 16, 16, generator=generator) * 2 - 1, tmp_path / "pairs" / "images" / name)
+        return f"images/{name}"
+
+    pairs = [PreferencePair(f"p{i}", f"unsafe {i}", f"safe {i}", (category,), image(f"w{i}.png"), image(f"l{i}.png"),
+                            i, f"concept {i}") for i, category in enumerate(["Violence", "Hate", "Violence"])]
+    PreferencePairs(root=tmp_path / "pairs", pairs=pairs).save(tmp_path / "pairs")
+    experts = [expert("violence", "Violence"), expert("hate", "Hate")]
+    paths = [str(lora_files.save_expert(e, tmp_path / f"{e.name}.safetensors")) for e in experts]
+    cli = load_script("trainer/merge.py", "safetydpo_merge_cli_distill")
+    common = ["--model", str(model), "--pairs", str(tmp_path / "pairs"), "--steps", "3", "--draws", "1",
+              "--batch-size", "2", "--rank", "2"]
+    out = tmp_path / "merged.safetensors"
+    # no replay items: nothing would say what must stay unchanged
+    assert cli.main(["distill", *paths, *common, "--output", str(out)]) == 2
+    assert "no replay items" in capsys.readouterr().err and not out.exists()
+
+    replay = [ReplayItem(f"r{i}", f"a calm lake {i}", image(f"r{i}.png"), i) for i in range(2)]
+    PreferencePairs(root=tmp_path / "pairs", pairs=pairs, replay=replay).save(tmp_path / "pairs")
+    assert cli.main(["distill", *paths, *common, "--weights", "1,0", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "distillation step 3/3" in printed and f"wrote {out}" in printed
+    merged = lora_files.load_expert(out)
+    recipe = merging.merge_recipe(merged)
+    assert recipe["method"] == "distillation" and recipe["weights"] == {"violence": 1.0, "hate": 0.0}
+    assert recipe["steps"] == 3 and merged.rank == 2 and sorted(merged.categories) == ["Hate", "Violence"]
+    assert merged.target_modules == ["to_v"]  # where the experts act
+
+    # an expert for a category the dataset does not hold is named, with what the dataset holds
+    stray = str(lora_files.save_expert(expert("nsfw", "Sexual"), tmp_path / "nsfw.safetensors"))
+    assert cli.main(["distill", paths[0], stray, *common, "--output", str(tmp_path / "never.safetensors")]) == 2
+    assert "expert 'nsfw' is for ['Sexual']" in capsys.readouterr().err
+    assert not (tmp_path / "never.safetensors").exists()

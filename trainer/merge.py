@@ -17,6 +17,11 @@ Run from the plugin folder (``ComfyUI/custom_nodes/safetydpo``) with ComfyUI's P
     python trainer/merge.py hate.safetensors violence.safetensors --weights 1,1 --method least_squares \\
         --statistics ls_stats.safetensors --preserve-weight 1 --output merged.safetensors
 
+    # distillation merge: one LoRA taught each expert's predictions on its own category's pairs and the base
+    # model's on the dataset's replay items (needs the model and the pairs dataset the experts were trained on)
+    python trainer/merge.py distill hate.safetensors violence.safetensors --weights 1,1 \\
+        --model path/to/sd15 --pairs path/to/pairs --output merged.safetensors
+
 Methods: co_merge (granularity row = exact LoRA of rank Σ r_k, or element = exact diffs / SVD at
 --rank), least_squares (per layer the ΔW that reproduces each expert on its own concept's inputs and the
 base model on safe inputs; exact LoRA of rank Σ r_k; weight 0 keeps that concept as the base model draws
@@ -302,14 +307,80 @@ def build_parser(statistics_only: bool) -> argparse.ArgumentParser:
     return parser
 
 
+def build_distill_parser() -> argparse.ArgumentParser:
+    from comfyui_safetydpo.distillation_merge import DistillationSettings
+
+    defaults = DistillationSettings()
+    parser = argparse.ArgumentParser(
+        prog="trainer/merge.py distill", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Distillation merge: one LoRA taught to predict what each expert predicts on its own "
+                    "category's pairs and what the base model predicts on the dataset's replay items (safe "
+                    "prompts), so it acts where each expert acts and nowhere else (docs/merging.md).")
+    parser.add_argument("experts", nargs="+", help="expert LoRA files (.safetensors) trained on --pairs")
+    parser.add_argument("--model", required=True, help="the base model the experts were trained on: diffusers "
+                                                       "folder or single-file .safetensors checkpoint")
+    parser.add_argument("--pairs", required=True, help="the pairs dataset the experts were trained on, with replay "
+                                                       "items (safe prompts)")
+    parser.add_argument("--output", required=True, help="merged LoRA file to write")
+    parser.add_argument("--weights", help="one weight ≥ 0 per expert, comma-separated (default all 1); 0 leaves "
+                                          "that concept as the base model draws it")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="training steps (default %(default)s)")
+    parser.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank of the result (default "
+                                                                        "%(default)s)")
+    parser.add_argument("--learning-rate", dest="learning_rate", type=float, default=defaults.learning_rate,
+                        help="AdamW learning rate, cosine decay (default %(default)s)")
+    parser.add_argument("--draws", type=int, default=defaults.draws,
+                        help="noise draws per image when the experts' predictions are recorded (default %(default)s; "
+                             "memory grows with it)")
+    parser.add_argument("--batch-size", dest="batch_size", type=int, default=defaults.batch_size,
+                        help="concept samples per step (default %(default)s; half as many safe samples)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="torch device (default cuda when available, else cpu)")
+    parser.add_argument("--architecture", choices=("sd15", "sd21", "sdxl"), help="check the model is this one")
+    parser.add_argument("--name", help="name of the merged expert (default: output file name)")
+    parser.add_argument("--format", default="kohya", choices=("kohya", "native"), help="key format of the output")
+    return parser
+
+
+def run_distill(args) -> int:
+    import torch
+
+    from comfyui_safetydpo.distillation_merge import DistillationSettings, distill_experts
+    from comfyui_safetydpo.model_loading import load_bundle
+    from comfyui_safetydpo.pairs import load_pairs
+
+    experts = load_experts(args.experts)
+    weights = parse_weights(args.weights, len(experts))
+    settings = DistillationSettings(steps=args.steps, rank=args.rank, learning_rate=args.learning_rate,
+                                    draws=args.draws, batch_size=args.batch_size,
+                                    replay_batch_size=max(args.batch_size // 2, 1), seed=args.seed)
+    settings.validate()
+    pairs = load_pairs(args.pairs)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    bundle = load_bundle(args.model, architecture=args.architecture, device=device)
+
+    def progress(step, total, loss):
+        if step == total or step % max(total // 20, 1) == 0:
+            print(f"distillation step {step}/{total} loss {loss:.5f}", flush=True)
+
+    merged = distill_experts(bundle, experts, weights, pairs, settings, name=args.name or Path(args.output).stem,
+                             progress=progress)
+    path = lora_files.save_expert(merged, args.output, key_format=args.format, uniform_alpha=True)
+    print(merged.describe())
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    statistics_only = bool(argv) and argv[0] == "statistics"
-    if statistics_only:
+    command = argv[0] if argv and argv[0] in ("statistics", "distill") else ""
+    if command:
         argv = argv[1:]
-    args = build_parser(statistics_only).parse_args(argv)
+    args = (build_distill_parser() if command == "distill" else build_parser(command == "statistics")).parse_args(argv)
     try:
-        return run_statistics(args) if statistics_only else run_merge(args)
+        if command == "distill":
+            return run_distill(args)
+        return run_statistics(args) if command == "statistics" else run_merge(args)
     except SafetyDPOError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
