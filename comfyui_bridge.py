@@ -35,7 +35,8 @@ import comfy.utils
 import folder_paths
 
 from .comfyui_safetydpo import calibration, extraction, least_squares_merge, lora_files, names, unet_keys
-from .comfyui_safetydpo import concept_gate
+from .comfyui_safetydpo import concept_gate, distillation_merge
+from .comfyui_safetydpo.distillation_merge import DistillationSettings
 from .comfyui_safetydpo.concept_gate import gate_metadata
 from .comfyui_safetydpo.encoding_cache import encode_preference_pairs, module_fingerprint, vae_fingerprint
 from .comfyui_safetydpo.errors import (ArchitectureMismatchError, DatasetError, LoraFormatError, MergeError,
@@ -889,3 +890,54 @@ def train_expert(model, clip, vae, pairs, config: TrainingConfig, run_dir: Path,
     result.expert.metadata["safetydpo_base_model"] = architecture
     return result
 
+
+
+def distill_experts(model, clip, vae, pairs, experts: Sequence[SafetyExpert], weights: Sequence[float],
+                    settings: DistillationSettings, run_dir: Path, name: str, node_id=None) -> SafetyExpert:
+    """The distillation merge on ComfyUI's MODEL: each expert's own category's pairs (encoded with the graph's CLIP
+    and VAE, cached in ``run_dir/cache``) and the dataset's replay items, with ComfyUI's progress bar and Cancel."""
+    architecture = model_architecture(model)
+    kind = prediction_type(model)
+    base = model.model
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    unet = base.diffusion_model
+    identity = module_fingerprint(unet, getattr(vae, "first_stage_model", None), label=f"comfy|{architecture}|{kind}")
+    layout = unet_keys.infer_layout_from_ldm_config(base.model_config.unet_config)
+    sigmas = base.model_sampling.sigmas.float().cpu()
+    denoiser = denoiser_for_ldm_unet(unet, 1.0 / (1.0 + sigmas ** 2), kind, layout, architecture)
+    progress_bar = Progress(settings.steps)
+    interrupted = []
+
+    def progress(step, total, loss):
+        try:
+            progress_bar.update(step, total)
+        except comfy.model_management.InterruptProcessingException:
+            interrupted.append(step)
+        send_text(f"distillation step {step}/{total}  loss {loss:.5f}", node_id)
+
+    with torch.inference_mode(False), torch.enable_grad():
+        data = []
+        with torch.no_grad():
+            for subset in distillation_merge.expert_pair_sets(experts, pairs):
+                data.append(_cleaned(encode_preference_pairs(ComfyEncoder(model, clip, vae, subset), subset,
+                                                             Path(run_dir) / "cache", identity=identity)))
+        release_inference_tensors(unet)
+        was_training = unet.training
+        frozen = [(p, p.requires_grad) for p in unet.parameters()]
+        try:
+            for parameter, _ in frozen:
+                parameter.requires_grad_(False)
+            targets = distillation_merge.record_distillation_targets(
+                denoiser, experts, weights, data, module_lookup_for(model, clip), settings)
+            merged = distillation_merge.merge_by_distillation(
+                denoiser, experts, targets, settings, name=name, progress=progress,
+                should_stop=lambda: bool(interrupted) or cancelled())
+        except TrainingCancelled as error:
+            log.info("Distill Safety Experts: %s", error)
+            raise comfy.model_management.InterruptProcessingException() from error
+        finally:
+            for parameter, requires_grad in frozen:
+                parameter.requires_grad_(requires_grad)
+            unet.train(was_training)
+    merged.architecture = architecture
+    return merged

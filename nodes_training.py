@@ -19,7 +19,9 @@ from .comfyui_safetydpo.errors import TrainingError
 from .comfyui_safetydpo.lora_files import save_expert
 from .comfyui_safetydpo.pairs import load_pairs
 from .comfyui_safetydpo.training import TrainingConfig
-from .nodes import CATEGORY, ExpertChoice, SafetyExpertChain
+from .comfyui_safetydpo.distillation_merge import DistillationSettings
+from .comfyui_safetydpo.errors import MergeError
+from .nodes import CATEGORY, EXPERTS_CATEGORY, ExpertChoice, SafetyExpertChain, check_chain, describe_chain
 
 log = logging.getLogger(__name__)
 
@@ -122,4 +124,68 @@ class TrainSafetyExpertDPO(io.ComfyNode):
         return io.NodeOutput((ExpertChoice(result.expert, 1.0, str(path)),), str(path))
 
 
-NODES = [TrainSafetyExpertDPO]
+class DistillSafetyExperts(io.ComfyNode):
+    """Distill Safety Experts: the experts merged into one LoRA by teaching it their predictions (distillation)."""
+
+    @classmethod
+    def define_schema(cls):
+        defaults = DistillationSettings()
+        return io.Schema(
+            node_id="SafetyDPODistillExperts", display_name="Distill Safety Experts", category=EXPERTS_CATEGORY,
+            is_output_node=True, hidden=[io.Hidden.unique_id],
+            description=(
+                "Merges safety experts into one LoRA by distillation: a new LoRA on the MODEL is trained to predict "
+                "what each expert predicts on its own category's pairs, and what the base model predicts on the "
+                "dataset's replay items (safe prompts). Unlike weight merges, which add some of every expert to "
+                "every prompt, it learns to act where each expert acts and nowhere else (on the built-in demo: "
+                "docs/demo.md). Per-concept weights: an expert's weight scales its target; 0 leaves that concept "
+                "as the base model draws it. Needs the pairs dataset the experts were trained on, with replay "
+                "items. Trains in the ComfyUI process (progress bar; Cancel stops within one step) and saves to "
+                "models/safety_experts/<name>.safetensors. Command line: trainer/merge.py distill."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model the experts were trained on (SD1.5, SD2.1 or SDXL)."),
+                io.Clip.Input("clip", tooltip="Text encoder of the model, used once to encode the prompts."),
+                io.Vae.Input("vae", tooltip="VAE of the model, used once to encode the pair images to latents."),
+                SafetyExpertChain.Input("experts", tooltip=("The experts to merge, with their per-concept weights "
+                                                            "(chain of Load Safety Expert nodes).")),
+                io.String.Input("pairs_folder", default=DEFAULT_PAIRS, tooltip=(
+                    "The pairs dataset the experts were trained on (Build Safety Pairs' dataset_name, or a folder "
+                    "with a manifest.json relative to ComfyUI's input/ or output/ folder); it needs replay items.")),
+                io.String.Input("name", default="safety_distilled", tooltip=(
+                    "File name of the result (models/safety_experts/<name>.safetensors).")),
+                io.Int.Input("steps", default=defaults.steps, min=1, max=100000, tooltip="Training steps."),
+                io.Int.Input("rank", default=defaults.rank, min=1, max=256, tooltip="LoRA rank of the result."),
+                io.Float.Input("learning_rate", default=defaults.learning_rate, min=1e-7, max=1e-1, step=1e-5,
+                               round=False, tooltip="AdamW learning rate (cosine decay to 0)."),
+                io.Int.Input("batch_size", default=defaults.batch_size, min=1, max=256, tooltip=(
+                    "Concept samples per step (half as many safe samples). Lower it if out of memory.")),
+                io.Int.Input("draws", default=defaults.draws, min=1, max=64, tooltip=(
+                    "Noise draws per image when the experts' predictions are recorded (memory grows with it).")),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed for noise, timesteps and order."),
+            ],
+            outputs=[
+                SafetyExpertChain.Output("merged", display_name="merged", tooltip="The distilled expert (weight 1)."),
+                io.String.Output("expert_path", display_name="expert_path", tooltip="Where the result was saved."),
+            ])
+
+    @classmethod
+    def execute(cls, model, clip, vae, experts, pairs_folder, name, steps, rank, learning_rate, batch_size, draws,
+                seed) -> io.NodeOutput:
+        file_name = names.safe_name(name, "name", MergeError)
+        chain = check_chain(experts)
+        pairs = load_pairs(bridge.pairs_folder(pairs_folder))
+        settings = DistillationSettings(steps=steps, rank=rank, learning_rate=learning_rate, batch_size=batch_size,
+                                        replay_batch_size=max(batch_size // 2, 1), draws=draws, seed=seed)
+        settings.validate()
+        node_id = cls.hidden.unique_id if cls.hidden is not None else None
+        merged = bridge.distill_experts(model, clip, vae, pairs, [c.expert for c in chain], [c.weight for c in chain],
+                                        settings, bridge.training_run_folder(file_name), file_name, node_id)
+        target = bridge.experts_folder() / f"{file_name}.safetensors"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path = save_expert(merged, target)
+        result = (ExpertChoice(merged, 1.0, str(path)),)
+        log.info("Distill Safety Experts: saved %s", path)
+        return io.NodeOutput(result, str(path), ui={"text": [describe_chain(result)]})
+
+
+NODES = [TrainSafetyExpertDPO, DistillSafetyExperts]

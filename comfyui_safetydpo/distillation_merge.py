@@ -213,6 +213,19 @@ def _trained_with_prompt_crops(expert: SafetyExpert) -> bool:
         return False
 
 
+def expert_pair_sets(experts: Sequence[SafetyExpert], pairs) -> list:
+    """Each expert's pairs: those of its own categories, with the prompt crops it was trained with."""
+    sets = []
+    for expert in experts:
+        chosen = [c for c in expert.categories if c in pairs.categories]
+        if not chosen:
+            raise MergeError(f"expert {expert.name!r} is for {expert.categories or 'no recorded category'}, but the "
+                             f"pairs dataset holds {pairs.categories}: give the dataset the experts were trained on")
+        subset = pairs.select(chosen)
+        sets.append(subset.with_prompt_crops() if _trained_with_prompt_crops(expert) else subset)
+    return sets
+
+
 def distill_experts(bundle, experts: Sequence[SafetyExpert], weights: Sequence[float], pairs,
                     settings: Optional[DistillationSettings] = None, cache_dir=None, name: str = "merged_distillation",
                     progress: Optional[Callable[[int, int, float], None]] = None,
@@ -224,15 +237,7 @@ def distill_experts(bundle, experts: Sequence[SafetyExpert], weights: Sequence[f
     from .encoding_cache import encode_preference_pairs
     from .training import denoiser_for_bundle
 
-    data = []
-    for expert in experts:
-        chosen = [c for c in expert.categories if c in pairs.categories]
-        if not chosen:
-            raise MergeError(f"expert {expert.name!r} is for {expert.categories or 'no recorded category'}, but the "
-                             f"pairs dataset holds {pairs.categories}: give the dataset the experts were trained on")
-        subset = pairs.select(chosen)
-        data.append(encode_preference_pairs(bundle, subset.with_prompt_crops() if _trained_with_prompt_crops(expert)
-                                            else subset, cache_dir))
+    data = [encode_preference_pairs(bundle, subset, cache_dir) for subset in expert_pair_sets(experts, pairs)]
     denoiser = denoiser_for_bundle(bundle)
     frozen = [(p, p.requires_grad) for p in bundle.unet.parameters()]
     for parameter, _ in frozen:

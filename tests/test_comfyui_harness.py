@@ -21,6 +21,7 @@ EXPECTED_NODES = {
     "SafetyDPOLoadExpert", "SafetyDPOMergeExperts", "SafetyDPOComputeCoMergeStatistics",
     "SafetyDPORecordLeastSquaresStatistics", "SafetyDPOApplyExperts", "SafetyDPOApplyExpertsByPrompt",
     "SafetyDPOSaveLora", "SafetyDPOTrainExpert", "SafetyDPOBuildSafetyPairs", "SafetyDPOEvaluateSafety",
+    "SafetyDPODistillExperts",
 }
 
 

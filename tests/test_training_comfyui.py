@@ -161,6 +161,55 @@ def test_cancel_keeps_a_checkpoint_and_resume_finishes(inprocess):
     assert Path(path).is_file() and json.loads(chain.expert.metadata["safetydpo_recipe"])["max_steps"] == 4
 
 
+@pytest.mark.slow
+def test_distill_node_merges_experts_on_the_comfyui_unet_and_cancel_leaves_it_unchanged(inprocess, caplog):
+    comfy, nodes, model, clip, vae, base = inprocess
+    import comfy.model_management as mm
+    import comfy.utils  # noqa: F811
+
+    from comfyui_safetydpo import merging
+
+    (trained,), _ = run_node(nodes, model, clip, vae, expert_name="to_distill", steps=2, checkpoint_every=0)
+    plugin_nodes = harness.plugin_module(harness.comfyui_path(), "nodes")
+    chain = (plugin_nodes.ExpertChoice(trained.expert, 0.5, "to_distill"),)
+    unet = model.model.diffusion_model
+    before = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    settings = dict(pairs_folder="pairs", name="distilled", steps=3, rank=2, learning_rate=1e-3, batch_size=2,
+                    draws=1, seed=0)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        (merged,), path = nodes.DistillSafetyExperts.execute(model, clip, vae, chain, **settings).result
+    assert Path(path) == base / "models" / "safety_experts" / "distilled.safetensors" and Path(path).is_file()
+    recipe = merging.merge_recipe(merged.expert)
+    assert recipe["method"] == "distillation" and recipe["weights"] == {trained.expert.name: 0.5}
+    assert merged.expert.architecture == "sd15" and merged.expert.categories == ["Violence"]
+    assert all(float(m.up.abs().sum()) > 0 for m in merged.expert.modules.values())  # every layer learned
+    after = unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+    state, _ = lora_files.read_safetensors(path)
+    with caplog.at_level(logging.WARNING):
+        patches = comfy.lora.load_lora(state, comfy.lora.model_lora_keys_unet(model.model, {}))
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
+    assert len(patches) == len(merged.expert.modules) > 0
+
+    original = comfy.utils.ProgressBar.update_absolute
+
+    def press_cancel_after_step_one(self, value, total=None, preview=None):
+        original(self, value, total, preview)
+        if value == 1:
+            mm.interrupt_current_processing(True)
+
+    comfy.utils.ProgressBar.update_absolute = press_cancel_after_step_one
+    try:
+        with pytest.raises(mm.InterruptProcessingException), torch.inference_mode():
+            nodes.DistillSafetyExperts.execute(model, clip, vae, chain, **{**settings, "name": "never"})
+    finally:
+        comfy.utils.ProgressBar.update_absolute = original
+        mm.interrupt_current_processing(False)
+    assert not (base / "models" / "safety_experts" / "never.safetensors").exists()
+    after = unet.state_dict()
+    assert set(after) == set(before) and all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_dataset_folder_must_stay_inside_input_or_output(inprocess):
     from comfyui_safetydpo.errors import DatasetError
 

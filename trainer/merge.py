@@ -315,7 +315,7 @@ def build_distill_parser() -> argparse.ArgumentParser:
         prog="trainer/merge.py distill", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Distillation merge: one LoRA taught to predict what each expert predicts on its own "
                     "category's pairs and what the base model predicts on the dataset's replay items (safe "
-                    "prompts), so it acts where each expert acts and nowhere else (docs/merging.md).")
+                    "prompts), so it acts where each expert acts and nowhere else (docs/demo.md).")
     parser.add_argument("experts", nargs="+", help="expert LoRA files (.safetensors) trained on --pairs")
     parser.add_argument("--model", required=True, help="the base model the experts were trained on: diffusers "
                                                        "folder or single-file .safetensors checkpoint")
