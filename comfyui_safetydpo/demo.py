@@ -339,7 +339,7 @@ def _run_demo(output_dir, cache_dir, settings: Optional[DemoSettings], fresh: bo
         import shutil
 
         for entry in cache_dir.iterdir():
-            if entry.is_dir() and entry.name.startswith(("world_model_", "pairs_", "experts_", "renders")):
+            if entry.is_dir() and entry.name.startswith(("world_model_", "pairs_", "experts_", "merges_", "renders")):
                 shutil.rmtree(entry)
     output_dir.mkdir(parents=True, exist_ok=True)
     timings: Dict[str, float] = {}
@@ -425,7 +425,7 @@ def _run_demo(output_dir, cache_dir, settings: Optional[DemoSettings], fresh: bo
     # 4. merging
     weights = [1.0] * len(experts)
     default_name = MERGE_LABELS[settings.merge_method]
-    merger = DemoMerger(bundle, world, settings, pairs)
+    merger = DemoMerger(bundle, world, settings, pairs, cache_dir / f"merges_{pair_key_}")
     merged_default = merger.merge(settings.merge_method, experts, weights,
                                   name=f"safety_expert_demo_{settings.merge_method}")
     variants: Dict[str, Optional[SafetyExpert]] = {"base": None, default_name: merged_default}
@@ -569,8 +569,10 @@ MERGE_LABELS = {
 class DemoMerger:
     """Merges the demo's experts by any method, recording each method's statistics once per expert set."""
 
-    def __init__(self, bundle, world: dw.DemoWorld, settings: DemoSettings, pairs: Optional[PreferencePairs] = None):
+    def __init__(self, bundle, world: dw.DemoWorld, settings: DemoSettings, pairs: Optional[PreferencePairs] = None,
+                 cache_dir: Optional[Path] = None):
         self.bundle, self.world, self.settings, self.pairs = bundle, world, settings, pairs
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None  # distilled merges, keyed by their inputs
         self._statistics: Dict[Tuple[str, Tuple[str, ...]], object] = {}
 
     def _key(self, kind: str, experts: Sequence[SafetyExpert]):
@@ -620,7 +622,22 @@ class DemoMerger:
         trained on) and the replay items: never on the evaluation's seeds or held-out templates."""
         if self.pairs is None:
             raise ValueError("the distillation merge needs the demo's pairs (DemoMerger(..., pairs=...))")
-        return distill_experts(self.bundle, experts, weights, self.pairs, self.settings.distillation, name=name)
+        if self.cache_dir is None:
+            return distill_experts(self.bundle, experts, weights, self.pairs, self.settings.distillation, name=name)
+        key = _hash({"experts": [expert_fingerprint(e) for e in experts], "weights": [float(w) for w in weights],
+                     "settings": dataclasses.asdict(self.settings.distillation), "v": DEMO_VERSION})
+        path, done = self.cache_dir / f"{key}.safetensors", self.cache_dir / f"{key}.json"
+        if path.is_file() and done.is_file():
+            try:
+                if json.loads(done.read_text()).get("sha256") == files.sha256_file(path):
+                    return load_expert(path, name=name)
+                raise ValueError("content hash mismatch")
+            except Exception as error:  # noqa: BLE001 - a damaged cached merge is distilled again, never trusted
+                log.warning("cached merge %s is damaged (%s): distilling it again", path, error)
+        merged = distill_experts(self.bundle, experts, weights, self.pairs, self.settings.distillation, name=name)
+        save_expert(merged, path)
+        files.write_json(done, {"sha256": files.sha256_file(path)}, indent=None)
+        return merged
 
 
 def record_demo_statistics(bundle, world: dw.DemoWorld, experts: Sequence[SafetyExpert], settings: DemoSettings):

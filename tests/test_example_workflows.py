@@ -142,7 +142,7 @@ _FILE_INPUTS = {"ckpt_name", "unet_name", "expert_name", "lora_name", "statistic
 def test_there_is_one_example_per_feature():
     names = {path.name for path in EXAMPLES}
     assert {"apply_safety_experts.json", "apply_experts_by_prompt.json", "merge_and_save_experts.json",
-            "safetydpo_on_your_finetune.json",
+            "safetydpo_on_your_finetune.json", "distill_safety_experts.json",
             "save_safe_checkpoint.json"} <= names
 
 
