@@ -834,15 +834,9 @@ def training_precision(model, mixed_precision: str) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model.model.get_dtype(), "no")
 
 
-def train_expert(model, clip, vae, pairs, config: TrainingConfig, run_dir: Path, resume: bool,
-                 node_id=None) -> TrainingResult:
-    """``train_lora`` on the UNet of ComfyUI's MODEL, with ComfyUI's progress bar and Cancel.
-
-    Pairs are encoded once with the
-    graph's CLIP and VAE (cached in ``run_dir/cache``); the LoRA goes onto the LDM UNet's attention
-    projections under canonical names and is taken off again. Cancel stops within one step, keeps the
-    last checkpoint and shows the run as interrupted.
-    """
+def _trainable_unet(model, vae):
+    """The MODEL's UNet loaded for training: its architecture, the UNet, the encoding cache's identity (UNet, VAE,
+    prediction type) and the denoiser the trainers call."""
     architecture = model_architecture(model)
     kind = prediction_type(model)
     base = model.model
@@ -852,6 +846,19 @@ def train_expert(model, clip, vae, pairs, config: TrainingConfig, run_dir: Path,
     layout = unet_keys.infer_layout_from_ldm_config(base.model_config.unet_config)
     sigmas = base.model_sampling.sigmas.float().cpu()
     denoiser = denoiser_for_ldm_unet(unet, 1.0 / (1.0 + sigmas ** 2), kind, layout, architecture)
+    return architecture, unet, identity, denoiser
+
+
+def train_expert(model, clip, vae, pairs, config: TrainingConfig, run_dir: Path, resume: bool,
+                 node_id=None) -> TrainingResult:
+    """``train_lora`` on the UNet of ComfyUI's MODEL, with ComfyUI's progress bar and Cancel.
+
+    Pairs are encoded once with the
+    graph's CLIP and VAE (cached in ``run_dir/cache``); the LoRA goes onto the LDM UNet's attention
+    projections under canonical names and is taken off again. Cancel stops within one step, keeps the
+    last checkpoint and shows the run as interrupted.
+    """
+    architecture, unet, identity, denoiser = _trainable_unet(model, vae)
     progress_bar = Progress(config.max_steps)
     interrupted = []
 
@@ -891,20 +898,11 @@ def train_expert(model, clip, vae, pairs, config: TrainingConfig, run_dir: Path,
     return result
 
 
-
 def distill_experts(model, clip, vae, pairs, experts: Sequence[SafetyExpert], weights: Sequence[float],
                     settings: DistillationSettings, run_dir: Path, name: str, node_id=None) -> SafetyExpert:
     """The distillation merge on ComfyUI's MODEL: each expert's own category's pairs (encoded with the graph's CLIP
     and VAE, cached in ``run_dir/cache``) and the dataset's replay items, with ComfyUI's progress bar and Cancel."""
-    architecture = model_architecture(model)
-    kind = prediction_type(model)
-    base = model.model
-    comfy.model_management.load_models_gpu([model], force_full_load=True)
-    unet = base.diffusion_model
-    identity = module_fingerprint(unet, getattr(vae, "first_stage_model", None), label=f"comfy|{architecture}|{kind}")
-    layout = unet_keys.infer_layout_from_ldm_config(base.model_config.unet_config)
-    sigmas = base.model_sampling.sigmas.float().cpu()
-    denoiser = denoiser_for_ldm_unet(unet, 1.0 / (1.0 + sigmas ** 2), kind, layout, architecture)
+    architecture, unet, identity, denoiser = _trainable_unet(model, vae)
     progress_bar = Progress(settings.steps)
     interrupted = []
 

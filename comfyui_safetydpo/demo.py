@@ -84,6 +84,7 @@ class DemoSettings:
     scaling_one_on_all: Tuple[int, ...] = ()  # the scaling curve's sizes k that also get one expert on all data
     weight_zero_checks: bool = True  # each concept's weight at 0 in turn: does only that concept come back?
     merged_weight_zero: bool = False  # the same for the default merge (7 more merges and renders); --all-checks
+    merged_weight_zero_concepts: Tuple[str, ...] = ()  # only these concepts' weights (empty: every concept)
     experts_alone: bool = False  # each expert applied alone: what it removes and changes before any merge; --all-checks
     synonyms: bool = False  # the gate on synonyms the world model learns afterwards (demo_synonyms); --all-checks
     gate: bool = True  # also measure the experts gated by prompt (concept_gate): each prompt meets only its concepts'
@@ -500,7 +501,8 @@ def _run_demo(output_dir, cache_dir, settings: Optional[DemoSettings], fresh: bo
     if settings.weight_zero_checks and settings.merged_weight_zero and len(experts) > 1:
         weight_zero = weight_zero_check(bundle, merger, settings.merge_method, experts, items, base_images,
                                         base_readings, oracle, settings, results["base"]["per_concept"], report,
-                                        results[default_name]["per_concept"])
+                                        results[default_name]["per_concept"],
+                                        concepts=settings.merged_weight_zero_concepts or None)
     alone = None
     if settings.experts_alone:
         alone = experts_alone_check(bundle, experts, items, base_images, base_readings, oracle, settings,

@@ -178,19 +178,23 @@ def measure(oracle: dw.DemoOracle, items: Sequence[EvalItem], base: torch.Tensor
 def weight_zero_check(bundle, merger: DemoMerger, method: str, experts: Sequence[SafetyExpert],
                       items: Sequence[EvalItem], base_images: torch.Tensor, base_readings, oracle: dw.DemoOracle,
                       settings: DemoSettings, base_per_concept: Dict[str, float], report: Callable[[str], None],
-                      full_per_concept: Optional[Dict[str, float]] = None) -> List[Dict[str, object]]:
+                      full_per_concept: Optional[Dict[str, float]] = None,
+                      concepts: Optional[Sequence[str]] = None) -> List[Dict[str, object]]:
     """Each concept's weight at 0 in turn (the others at 1): that concept should come back, the others stay removed.
-    ``full_per_concept``: each concept's rate with every weight at 1, to tell how far weight 0 moved the others."""
+    ``full_per_concept``: each concept's rate with every weight at 1, to tell how far weight 0 moved the others.
+    ``concepts``: check only these (each check is one more merge, which for distillation means training)."""
     unsafe_rows = [i for i, item in enumerate(items) if item.unsafe]
     unsafe_items = [items[i] for i in unsafe_rows]
     rows = []
     for index, expert in enumerate(experts):
+        concept = next(c.name for c in merger.world.concepts if c.category in expert.categories)
+        if concepts and concept not in concepts:
+            continue
         weights = [0.0 if k == index else 1.0 for k in range(len(experts))]
         merged = merger.merge(method, experts, weights, name=f"demo_{method}_without_{index}")
         images = render_variant(bundle, merged, unsafe_items, settings)
         result = measure(oracle, unsafe_items, base_images[unsafe_rows], images,
                          [base_readings[i] for i in unsafe_rows])
-        concept = next(c.name for c in merger.world.concepts if c.category in expert.categories)
         rows.append(_weight_zero_row(result, concept, expert.name, base_per_concept, "", report, full_per_concept))
     return rows
 
@@ -366,7 +370,8 @@ def scaling_curve(bundle, world: dw.DemoWorld, oracle: dw.DemoOracle, experts: S
         base = render_variant(bundle, None, items, settings)
         base_readings = [oracle.read(image) for image in base]
         chosen = list(experts[:k])
-        methods = ("least_squares", "co_merge", "linear")  # SafetyDPO's own merge is the claim under test
+        # the default merge, and SafetyDPO's own (Co-Merge), the claim under test, with linear and least squares
+        methods = tuple(dict.fromkeys((settings.merge_method, "least_squares", "co_merge", "linear")))
         variants = {method: merger.merge(method, chosen, [1.0] * k) for method in methods}
         if k in one_on_all:
             variants["one_on_all"] = one_on_all[k]

@@ -260,8 +260,8 @@ def wins_figure(wins: Dict[str, Dict[str, float]], path: Path) -> None:
 
 def scaling_figure(rows: Sequence[Dict[str, object]], path: Path) -> None:
     figure, axes = _subplots(8, 3, 1, 2)
-    for method, marker in (("least_squares", "o-"), ("co_merge", "^-"), ("linear", "s--"), ("gated", "v-"),
-                           ("one_on_all", "D:")):
+    for method, marker in (("distillation", "P-"), ("least_squares", "o-"), ("co_merge", "^-"), ("linear", "s--"),
+                           ("gated", "v-"), ("one_on_all", "D:")):
         own = [r for r in rows if r["method"] == method]
         if own:
             axes[0].plot([r["concepts"] for r in own], [100 * r["unsafe_rate"] for r in own], marker, label=method)

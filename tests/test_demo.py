@@ -195,5 +195,11 @@ def test_cli_help():
                          timeout=120)
     assert out.returncode == 0
     for flag in ("--output", "--cache", "--concepts", "--quick", "--fresh", "--seed", "--seeds", "--retrain-world",
-                 "--all-baselines", "--all-checks", "--workers", "--world-only"):
+                 "--all-baselines", "--all-checks", "--workers", "--world-only", "--weight-check", "--merge"):
         assert flag in out.stdout
+
+
+def test_weight_check_names_the_demo_concepts():
+    out = subprocess.run([sys.executable, str(ROOT / "trainer" / "demo.py"), "--weight-check", "crimson"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "unknown concept(s) crimson" in out.stderr and "red, purple" in out.stderr

@@ -59,13 +59,17 @@ def main(argv=None) -> int:
                              "each expert alone, check the default merge's per-concept weights and test the prompt "
                              "gate on synonyms the world model learns afterwards (what the README's three-seed table "
                              "measures; the default run leaves them out to stay short)")
+    parser.add_argument("--weight-check", nargs="+", metavar="CONCEPT", default=None,
+                        help="check the default merge's per-concept weights for these concepts only (each at 0 in "
+                             "turn; each check is one more merge: for the distillation merge, minutes of training); "
+                             "--all-checks checks every concept")
     parser.add_argument("--merge", choices=("distillation", "least_squares", "co_merge", "linear", "ties"),
                         default=None, help="the merge written as the demo's LoRA (default distillation)")
     parser.add_argument("--scaling", action="store_true",
                         help="the scaling curve: removal and collateral against the number of concepts (k = 1, 7, 15, "
-                             "30, 50) for the least-squares merge, Co-Merge, linear, the gated experts and one "
-                             "expert on all data (at k = 7 and 50); 50 concepts unless --concepts says otherwise, "
-                             "without the per-concept checks (about 1.5 hours on a 2-core CPU)")
+                             "30, 50) for the default merge (--merge), least squares, Co-Merge, linear, the gated "
+                             "experts and one expert on all data (at k = 7 and 50); 50 concepts unless --concepts "
+                             "says otherwise, without the per-concept checks (1.5-2 hours on a 2-core CPU)")
     parser.add_argument("--retrain-world", action="store_true",
                         help="train the world model again (and write it where the shipped weights live)")
     parser.add_argument("--world-only", action="store_true",
@@ -105,6 +109,15 @@ def main(argv=None) -> int:
         settings.one_on_all = settings.experts_alone = settings.synonyms = settings.merged_weight_zero = True
     if args.merge:
         settings.merge_method = args.merge
+    if args.weight_check:
+        from comfyui_safetydpo.demo_world import DemoWorld
+
+        known = [c.name for c in DemoWorld(settings.concepts).concepts]
+        unknown = [name for name in args.weight_check if name not in known]
+        if unknown:
+            parser.error(f"--weight-check: unknown concept(s) {', '.join(unknown)}; the demo's are {', '.join(known)}")
+        settings.merged_weight_zero = True
+        settings.merged_weight_zero_concepts = tuple(args.weight_check)
     if args.workers < 0:
         parser.error("--workers must be 0 (one per CPU core) or more")
     settings.workers = args.workers
