@@ -43,7 +43,7 @@ class DistillationSettings:
     """How the student is taught. Measured on the demo world (docs/demo.md)."""
 
     steps: int = 1500
-    rank: int = 16
+    rank: int = 32  # rank 16 left 2.0 % of seed 0's unsafe images at 1500 steps, rank 32 0.3 %
     learning_rate: float = 3e-3
     batch_size: int = 32  # concept samples per step
     replay_batch_size: int = 16  # safe samples per step
